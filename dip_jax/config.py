@@ -1,0 +1,400 @@
+"""Typed, frozen configuration. Defaults live here and only here.
+
+A config file in ``configs/`` is a Python module whose ``get_config()`` returns a
+``TrainConfig`` built from these dataclasses with the deltas it needs. This module is
+pure Python (no jax), so the planner can read configs and the analytic parameter counts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+SCHEDULES = ("dip", "1f1b", "interleaved_1f1b", "gpipe", "encoders_first", "none")
+MODULES = ("vision", "audio", "llm", "dit")
+
+
+class ConfigError(ValueError):
+    """A config value or combination that cannot work; the message names the key."""
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _positive(obj, prefix: str, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        _require(v > 0, f"{prefix}.{n}", f"must be > 0, got {v!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Analytic parameter counts. They mirror the Flax modules in dip_jax/models exactly (a test
+# checks them against nnx.eval_shape) and are what the planner's cost model uses.
+
+
+def attention_params(dim: int, heads: int, kv_heads: int, kv_dim: Optional[int] = None) -> int:
+    head_dim = dim // heads
+    kv_dim = dim if kv_dim is None else kv_dim
+    return dim * heads * head_dim + 2 * kv_dim * kv_heads * head_dim + heads * head_dim * dim
+
+
+def swiglu_params(dim: int, hidden: int) -> int:
+    return 3 * dim * hidden
+
+
+def projector_params(d_in: int, d_out: int) -> int:
+    """Two-layer GELU MLP with biases (encoder -> llm width)."""
+    return d_in * d_out + d_out + d_out * d_out + d_out
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    layers: int = 2
+    dim: int = 64
+    mlp_hidden: int = 128
+    heads: int = 4
+    kv_heads: int = 4
+
+    def _check(self, prefix: str) -> None:
+        _positive(self, prefix, "layers", "dim", "mlp_hidden", "heads", "kv_heads")
+        _require(self.dim % self.heads == 0, f"{prefix}.dim", f"{self.dim} not divisible by heads={self.heads}")
+        _require(self.heads % self.kv_heads == 0, f"{prefix}.kv_heads",
+                 f"heads={self.heads} not divisible by kv_heads={self.kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    def block_params(self) -> int:
+        """Pre-norm transformer block: 2 RMSNorm + attention + SwiGLU."""
+        return 2 * self.dim + attention_params(self.dim, self.heads, self.kv_heads) + swiglu_params(
+            self.dim, self.mlp_hidden)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig(BlockConfig):
+    image_size: int = 16
+    patch_size: int = 4
+    channels: int = 3
+    spatial_merge: int = 2
+
+    def check(self, prefix: str = "model.vision") -> None:
+        self._check(prefix)
+        _positive(self, prefix, "image_size", "patch_size", "channels", "spatial_merge")
+        _require(self.image_size % self.patch_size == 0, f"{prefix}.patch_size",
+                 f"image_size={self.image_size} not divisible by patch_size={self.patch_size}")
+        _require(self.patches_per_side % self.spatial_merge == 0, f"{prefix}.spatial_merge",
+                 f"{self.patches_per_side} patches per side not divisible by {self.spatial_merge}")
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def patches(self) -> int:
+        return self.patches_per_side ** 2
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.patches // self.spatial_merge ** 2
+
+    def embed_params(self) -> int:
+        return self.patch_size ** 2 * self.channels * self.dim + self.dim + self.patches * self.dim
+
+    def head_params(self, out_dim: int) -> int:
+        return self.dim + projector_params(self.spatial_merge ** 2 * self.dim, out_dim)
+
+    def param_count(self, out_dim: int) -> int:
+        return self.embed_params() + self.layers * self.block_params() + self.head_params(out_dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioConfig(BlockConfig):
+    mel_bins: int = 16
+    frames_per_second: int = 32
+    clip_seconds: float = 1.0
+    conv_kernel: int = 3
+
+    def check(self, prefix: str = "model.audio") -> None:
+        self._check(prefix)
+        _positive(self, prefix, "mel_bins", "frames_per_second", "clip_seconds", "conv_kernel")
+        _require(self.frames_per_clip % 4 == 0, f"{prefix}.frames_per_second",
+                 f"frames per clip ({self.frames_per_clip}) must be divisible by the 4x conv subsampling")
+
+    @property
+    def frames_per_clip(self) -> int:
+        return int(round(self.frames_per_second * self.clip_seconds))
+
+    @property
+    def tokens_per_clip(self) -> int:
+        return self.frames_per_clip // 4
+
+    def embed_params(self) -> int:
+        k = self.conv_kernel
+        return (k * self.mel_bins * self.dim + self.dim) + (k * self.dim * self.dim + self.dim) + \
+            self.tokens_per_clip * self.dim
+
+    def head_params(self, out_dim: int) -> int:
+        return self.dim + projector_params(self.dim, out_dim)
+
+    def param_count(self, out_dim: int) -> int:
+        return self.embed_params() + self.layers * self.block_params() + self.head_params(out_dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig(BlockConfig):
+    vocab_size: int = 256
+    rope_theta: float = 10000.0
+
+    def check(self, prefix: str = "model.llm") -> None:
+        self._check(prefix)
+        _positive(self, prefix, "vocab_size", "rope_theta")
+        _require(self.head_dim % 2 == 0, f"{prefix}.heads", f"head_dim={self.head_dim} must be even for RoPE")
+
+    def embed_params(self) -> int:
+        return self.vocab_size * self.dim
+
+    def head_params(self) -> int:
+        return self.dim + self.dim * self.vocab_size
+
+    def param_count(self) -> int:
+        return self.embed_params() + self.layers * self.block_params() + self.head_params()
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig(BlockConfig):
+    latent_channels: int = 8
+    latent_frames_per_second: int = 4
+    tokens_per_frame: int = 4
+    clip_seconds: float = 1.0
+    cond_tokens: int = 16
+    time_embed_dim: int = 64
+
+    def check(self, prefix: str = "model.dit") -> None:
+        self._check(prefix)
+        _positive(self, prefix, "latent_channels", "latent_frames_per_second", "tokens_per_frame",
+                  "clip_seconds", "cond_tokens", "time_embed_dim")
+        _require(self.time_embed_dim % 2 == 0, f"{prefix}.time_embed_dim", "must be even")
+
+    @property
+    def tokens_per_clip(self) -> int:
+        return int(round(self.latent_frames_per_second * self.clip_seconds)) * self.tokens_per_frame
+
+    def block_params(self) -> int:
+        """adaLN-modulated block: self-attention, cross-attention to the llm condition, SwiGLU."""
+        d = self.dim
+        return (d * 6 * d + 6 * d) + d + 2 * attention_params(d, self.heads, self.kv_heads) + \
+            swiglu_params(d, self.mlp_hidden)
+
+    def embed_params(self, cond_dim: int) -> int:
+        d = self.dim
+        return (self.latent_channels * d + d) + self.tokens_per_clip * d + \
+            (self.time_embed_dim * d + d + d * d + d) + (cond_dim * d + d)
+
+    def head_params(self) -> int:
+        d = self.dim
+        return (d * 2 * d + 2 * d) + (d * self.latent_channels + self.latent_channels)
+
+    def param_count(self, cond_dim: int) -> int:
+        return self.embed_params(cond_dim) + self.layers * self.block_params() + self.head_params()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: str = "tiny"
+    vision: Optional[VisionConfig] = VisionConfig()
+    audio: Optional[AudioConfig] = AudioConfig()
+    llm: LLMConfig = LLMConfig()
+    dit: Optional[DiTConfig] = None
+    dit_loss_weight: float = 1.0
+
+    def check(self) -> None:
+        for name in MODULES:
+            sub = getattr(self, name)
+            if sub is not None:
+                sub.check(f"model.{name}")
+        _require(self.llm is not None, "model.llm", "the llm backbone is required")
+        _require(self.dit_loss_weight >= 0, "model.dit_loss_weight", "must be >= 0")
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """Present modules in graph order: encoders -> llm -> dit."""
+        return tuple(m for m in MODULES if getattr(self, m) is not None)
+
+    def module_param_count(self, name: str) -> int:
+        d = self.llm.dim
+        return {
+            "vision": lambda: self.vision.param_count(d),
+            "audio": lambda: self.audio.param_count(d),
+            "llm": lambda: self.llm.param_count(),
+            "dit": lambda: self.dit.param_count(d),
+        }[name]()
+
+    def param_count(self) -> int:
+        return sum(self.module_param_count(m) for m in self.modules)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1
+    pipe: int = 1
+    tensor: int = 1   # devices per pipeline rank, as seen by the planner's cost model
+
+    def check(self) -> None:
+        _positive(self, "mesh", "data", "pipe", "tensor")
+
+    @property
+    def devices(self) -> int:
+        return self.data * self.pipe
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    schedule: str = "none"
+    hardware: str = "cpu"
+    memory_cap_gb: float = 80.0
+
+    def check(self) -> None:
+        _require(self.schedule in SCHEDULES, "pipeline.schedule",
+                 f"unknown scheduler {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        _require(self.memory_cap_gb > 0, "pipeline.memory_cap_gb", "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    task: str = "synthetic"            # synthetic | digits
+    seq_len: int = 128
+    microbatches: int = 8              # packed microbatches per global batch (all replicas)
+    max_images: int = 8                # image slots per microbatch
+    max_audio_clips: int = 4           # audio clip slots per microbatch
+    max_video_clips: int = 4           # video clip slots per microbatch
+    seed: int = 0
+    prefetch: int = 2
+    # synthetic mixture (weights need not sum to 1) and its shape parameters
+    mix_caption: float = 0.4
+    mix_interleaved: float = 0.3
+    mix_audio: float = 0.15
+    mix_video: float = 0.15
+    caption_tokens_per_image: float = 16.0
+    interleaved_tokens_per_image_median: float = 24.0
+    interleaved_tokens_per_image_sigma: float = 1.2
+    interleaved_max_images: int = 6
+    video_seconds_max: float = 16.0
+    audio_seconds_max: float = 4.0
+    # digits task
+    digits_max_images: int = 8
+    eval_samples: int = 512
+
+    def check(self) -> None:
+        _require(self.task in ("synthetic", "digits"), "data.task",
+                 f"unknown task {self.task!r}; choose synthetic or digits")
+        _positive(self, "data", "seq_len", "microbatches", "prefetch", "eval_samples")
+        for n in ("max_images", "max_audio_clips", "max_video_clips", "digits_max_images"):
+            _require(getattr(self, n) >= 0, f"data.{n}", "must be >= 0")
+        for n in ("mix_caption", "mix_interleaved", "mix_audio", "mix_video"):
+            _require(getattr(self, n) >= 0, f"data.{n}", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-3
+    warmup_steps: int = 10
+    schedule: str = "cosine"           # cosine | constant
+    end_lr_fraction: float = 0.1
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.98
+    grad_clip: float = 1.0
+    # (module, multiplier) pairs, e.g. (("vision", 0.5),); a module listed in `frozen` gets none
+    lr_multipliers: tuple = ()
+    frozen: tuple = ()
+
+    def check(self) -> None:
+        _require(self.lr > 0, "optim.lr", "must be > 0")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _require(self.schedule in ("cosine", "constant"), "optim.schedule", "choose cosine or constant")
+        _require(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables)")
+        for item in self.lr_multipliers:
+            _require(isinstance(item, tuple) and len(item) == 2 and item[0] in MODULES
+                     and isinstance(item[1], (int, float)), "optim.lr_multipliers",
+                     f"entries are (module, multiplier) with module in {MODULES}; got {item!r}")
+        for m in self.frozen:
+            _require(m in MODULES, "optim.frozen", f"unknown module {m!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    steps: int = 100
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0                # 0 = only at the end (if the task has an eval)
+    progress: bool = True
+    timeline_every: int = 0
+
+    def check(self) -> None:
+        _positive(self, "train", "steps", "log_every")
+        _require(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    enabled: bool = True
+    every: int = 50
+    keep: int = 2
+
+    def check(self) -> None:
+        _positive(self, "checkpoint", "every", "keep")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainSection = TrainSection()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    def __post_init__(self):
+        for section in ("model", "mesh", "pipeline", "data", "optim", "train", "checkpoint"):
+            getattr(self, section).check()
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        m, d = self.model, self.data
+        _require(d.microbatches % self.mesh.data == 0, "data.microbatches",
+                 f"{d.microbatches} microbatches cannot be split over mesh.data={self.mesh.data} replicas")
+        for name in m.modules:
+            layers = getattr(m, name).layers
+            _require(layers >= self.mesh.pipe, f"model.{name}.layers",
+                     f"{name} has {layers} layers, fewer than mesh.pipe={self.mesh.pipe} pipeline ranks")
+        for name in self.optim.frozen:
+            _require(name in m.modules, "optim.frozen", f"module {name!r} is not in this model")
+        if m.vision is not None and d.max_images:
+            _require(m.vision.tokens_per_image <= d.seq_len, "model.vision.tokens_per_image",
+                     f"{m.vision.tokens_per_image} tokens per image exceed data.seq_len={d.seq_len}")
+        if m.audio is not None and d.max_audio_clips:
+            _require(m.audio.tokens_per_clip <= d.seq_len, "model.audio",
+                     f"{m.audio.tokens_per_clip} tokens per clip exceed data.seq_len={d.seq_len}")
+        if d.task == "digits":
+            _require(m.vision is not None, "data.task", "digits needs model.vision")
+            _require(m.vision.image_size == 8 and m.vision.channels == 1, "model.vision.image_size",
+                     "digits images are 8x8 with 1 channel (set image_size=8, channels=1)")
+            _require(d.max_images >= d.digits_max_images, "data.max_images",
+                     f"must be >= data.digits_max_images={d.digits_max_images}")
+            _require(m.llm.vocab_size >= 16 + d.digits_max_images, "model.llm.vocab_size",
+                     "digits needs 16 special/digit tokens plus one ordinal per image")
+
+    def replace(self, **sections) -> "TrainConfig":
+        return dataclasses.replace(self, **sections)
+
+
+def with_overrides(base, path: tuple[str, ...], value):
+    """Return a copy of the (nested, frozen) dataclass `base` with `path` set to `value`."""
+    head, *rest = path
+    if not rest:
+        return dataclasses.replace(base, **{head: value})
+    return dataclasses.replace(base, **{head: with_overrides(getattr(base, head), tuple(rest), value)})
+

@@ -1,0 +1,70 @@
+"""What a planner sees of a sample before it runs: one dataclass used everywhere."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Iterable, Iterator
+
+import numpy as np
+
+# token ids shared by every task
+PAD, BOS, EOS, IMG, AUD, QUESTION = 0, 1, 2, 3, 4, 5
+DIGIT0 = 6            # digits 0-9 are 6..15
+ORDINAL0 = 16         # "image #i" markers, 16..31
+N_ORDINALS = 16
+WORD0 = 32            # first free text token
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleMeta:
+    text_tokens: int = 0
+    images: int = 0
+    audio_seconds: float = 0.0
+    video_seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SampleMeta":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown metadata keys {sorted(unknown)}")
+        return cls(int(d.get("text_tokens", 0)), int(d.get("images", 0)),
+                   float(d.get("audio_seconds", 0.0)), float(d.get("video_seconds", 0.0)))
+
+
+def read_metadata_jsonl(path) -> Iterator[SampleMeta]:
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield SampleMeta.from_json(json.loads(line))
+                except (ValueError, TypeError) as e:
+                    raise ValueError(f"{path}:{n}: {e}") from None
+
+
+@dataclasses.dataclass
+class Sample:
+    """One training sample: text with placeholder tokens plus its modality content.
+
+    `tokens` holds IMG / AUD placeholders where encoder outputs go (tokens_per_image per image,
+    tokens_per_clip per audio clip, in order). `labels[j]` says token j is predicted (loss).
+    `caption` is the text the dit conditions on (indices into `tokens`).
+    """
+
+    tokens: np.ndarray                 # int32 [L]
+    labels: np.ndarray                 # bool [L]
+    meta: SampleMeta
+    sample_id: int
+    images: np.ndarray | None = None   # [n, H, W, C]
+    audio: np.ndarray | None = None    # [clips, frames, mel]
+    video: np.ndarray | None = None    # [clips, tokens, channels] latents
+    caption: np.ndarray | None = None  # int32 indices into tokens
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def metas(samples: Iterable[Sample]) -> list[SampleMeta]:
+    return [s.meta for s in samples]

@@ -1,0 +1,101 @@
+"""Greedy packing of samples into fixed-size microbatches (as the paper packs 8192 tokens).
+
+Works on metadata alone, so the planner CLI packs a metadata file exactly as the trainer packs
+the samples those lines describe.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+from dip_jax.config import TrainConfig
+from dip_jax.data.metadata import SampleMeta
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Per-microbatch capacity and the unit conversions from metadata to slots."""
+
+    seq_len: int
+    max_images: int
+    max_audio_clips: int
+    max_video_clips: int
+    tokens_per_image: int
+    tokens_per_audio_clip: int
+    audio_clip_seconds: float
+    video_clip_seconds: float
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> "Budget":
+        m, d = cfg.model, cfg.data
+        return cls(
+            seq_len=d.seq_len,
+            max_images=d.max_images if m.vision is not None else 0,
+            max_audio_clips=d.max_audio_clips if m.audio is not None else 0,
+            max_video_clips=d.max_video_clips if m.dit is not None else 0,
+            tokens_per_image=m.vision.tokens_per_image if m.vision is not None else 0,
+            tokens_per_audio_clip=m.audio.tokens_per_clip if m.audio is not None else 0,
+            audio_clip_seconds=m.audio.clip_seconds if m.audio is not None else 1.0,
+            video_clip_seconds=m.dit.clip_seconds if m.dit is not None else 1.0,
+        )
+
+    def audio_clips(self, meta: SampleMeta) -> int:
+        return math.ceil(meta.audio_seconds / self.audio_clip_seconds - 1e-9) if meta.audio_seconds > 0 else 0
+
+    def video_clips(self, meta: SampleMeta) -> int:
+        return math.ceil(meta.video_seconds / self.video_clip_seconds - 1e-9) if meta.video_seconds > 0 else 0
+
+    def usage(self, meta: SampleMeta) -> tuple[int, int, int, int]:
+        """(sequence tokens, images, audio clips, video clips) a sample occupies."""
+        a = self.audio_clips(meta)
+        return (meta.text_tokens + meta.images * self.tokens_per_image + a * self.tokens_per_audio_clip,
+                meta.images, a, self.video_clips(meta))
+
+    @property
+    def capacity(self) -> tuple[int, int, int, int]:
+        return self.seq_len, self.max_images, self.max_audio_clips, self.max_video_clips
+
+    def fits_alone(self, meta: SampleMeta) -> bool:
+        return all(u <= c for u, c in zip(self.usage(meta), self.capacity))
+
+
+def pack_greedy(metas: Sequence[SampleMeta], budget: Budget, microbatches: int | None = None
+                ) -> tuple[list[list[int]], int]:
+    """Greedy in stream order: add the next sample to the open microbatch while it fits,
+    else close it and open a new one. Returns (microbatches as sample indices, samples used).
+
+    With `microbatches`, stops once that many are full (the sample that did not fit is not
+    used). A sample that cannot fit even alone raises: generators must not produce one.
+    """
+    out: list[list[int]] = []
+    cur: list[int] = []
+    used = [0, 0, 0, 0]
+    for i, meta in enumerate(metas):
+        if not budget.fits_alone(meta):
+            raise ValueError(f"sample {i} ({meta}) does not fit in one microbatch {budget.capacity}")
+        u = budget.usage(meta)
+        if any(a + b > c for a, b, c in zip(used, u, budget.capacity)):
+            out.append(cur)
+            if microbatches is not None and len(out) == microbatches:
+                return out, i
+            cur, used = [], [0, 0, 0, 0]
+        cur.append(i)
+        used = [a + b for a, b in zip(used, u)]
+    if cur:
+        out.append(cur)
+    return out, len(metas)
+
+
+def pack_into_batches(metas: Sequence[SampleMeta], budget: Budget, microbatches: int
+                      ) -> list[list[list[SampleMeta]]]:
+    """Pack a metadata stream into consecutive batches of `microbatches` microbatches.
+
+    A final partial batch is kept (the planner may see it; the trainer never asks for one).
+    """
+    batches, start = [], 0
+    while start < len(metas):
+        mbs, used = pack_greedy(metas[start:], budget, microbatches)
+        batches.append([[metas[start + i] for i in mb] for mb in mbs])
+        start += used
+    return batches

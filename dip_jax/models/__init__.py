@@ -1,0 +1,1 @@
+"""Flax NNX modules. They know nothing of meshes or schedules."""

@@ -1,0 +1,72 @@
+"""Diffusion transformer over video latents, conditioned on llm hidden states (flow matching).
+
+Noise and timesteps are inputs: they are drawn per global sample id outside the model, so any
+execution order of the clips gives the same result.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dip_jax.config import DiTConfig
+from dip_jax.models.layers import Attention, SwiGLU, linear
+from dip_jax.models.stack import ChunkedModule, make_stack
+
+
+def _norm(x, eps: float = 1e-6):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def timestep_embedding(t, dim: int):
+    half = dim // 2
+    freq = jnp.exp(-jnp.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+    ang = 1000.0 * t[:, None].astype(jnp.float32) * freq
+    return jnp.concatenate([jnp.cos(ang), jnp.sin(ang)], axis=-1)
+
+
+class DiTBlock(nnx.Module):
+    def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
+        self.ada = linear(cfg.dim, 6 * cfg.dim, rngs, bias=True, scale=0.1)
+        self.attn = Attention(cfg, rngs)
+        self.cross_norm = nnx.RMSNorm(cfg.dim, rngs=rngs)
+        self.cross = Attention(cfg, rngs)
+        self.mlp = SwiGLU(cfg.dim, cfg.mlp_hidden, rngs)
+
+    def __call__(self, x, cond, temb, cond_mask):
+        sh1, sc1, g1, sh2, sc2, g2 = jnp.split(self.ada(jax.nn.silu(temb))[:, None, :], 6, axis=-1)
+        x = x + g1 * self.attn(_norm(x) * (1 + sc1) + sh1)
+        x = x + self.cross(self.cross_norm(x), kv=cond, mask=cond_mask[:, None, None, :])
+        return x + g2 * self.mlp(_norm(x) * (1 + sc2) + sh2)
+
+
+class DiT(ChunkedModule):
+    def __init__(self, cfg: DiTConfig, cond_dim: int, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d = cfg.dim
+        self.latent_in = linear(cfg.latent_channels, d, rngs, bias=True)
+        self.pos = nnx.Param(0.02 * nnx.initializers.normal()(rngs.params(), (cfg.tokens_per_clip, d)))
+        self.time_fc1 = linear(cfg.time_embed_dim, d, rngs, bias=True)
+        self.time_fc2 = linear(d, d, rngs, bias=True)
+        self.cond_in = linear(cond_dim, d, rngs, bias=True)
+        self.blocks = make_stack(lambda r: DiTBlock(cfg, r), cfg.layers, rngs)
+        self.final_ada = linear(d, 2 * d, rngs, bias=True, scale=0.1)
+        self.latent_out = linear(d, cfg.latent_channels, rngs, bias=True)
+
+    def context(self, inputs):
+        return {"cond_mask": inputs["cond_mask"]}
+
+    def embed(self, inputs):
+        """inputs: x_t [N, T, C], t [N], cond [N, Lc, cond_dim] -> carry (x, cond, temb)."""
+        x = self.latent_in(inputs["x_t"]) + self.pos[...]
+        temb = self.time_fc2(jax.nn.silu(self.time_fc1(timestep_embedding(inputs["t"], self.cfg.time_embed_dim))))
+        return x, self.cond_in(inputs["cond"]), temb
+
+    def step(self, block, carry, ctx):
+        x, cond, temb = carry
+        return block(x, cond, temb, ctx["cond_mask"]), cond, temb
+
+    def head(self, carry):
+        x, _, temb = carry
+        shift, scale = jnp.split(self.final_ada(jax.nn.silu(temb))[:, None, :], 2, axis=-1)
+        return self.latent_out(_norm(x) * (1 + scale) + shift)

@@ -1,0 +1,48 @@
+"""Causal llm backbone: token embedding (with encoder outputs merged in), RoPE blocks, LM head."""
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from dip_jax.config import LLMConfig
+from dip_jax.models.layers import Block, attention_mask, linear
+from dip_jax.models.stack import ChunkedModule, make_stack
+
+
+def merge_embeddings(embeds, values, positions):
+    """Write `values` [N, K, D] at sequence `positions` [N, K] of `embeds` [N, S, D].
+
+    Placeholder tokens are replaced by encoder outputs; positions >= S (padding) are dropped.
+    """
+    def one(e, v, p):
+        return e.at[p].set(v.astype(e.dtype), mode="drop")
+
+    return jax.vmap(one)(embeds, values, positions)
+
+
+class LLM(ChunkedModule):
+    def __init__(self, cfg: LLMConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embedding = nnx.Embed(cfg.vocab_size, cfg.dim,
+                                   embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
+        self.blocks = make_stack(lambda r: Block(cfg, r), cfg.layers, rngs)
+        self.norm = nnx.RMSNorm(cfg.dim, rngs=rngs)
+        self.lm_head = linear(cfg.dim, cfg.vocab_size, rngs)
+
+    def context(self, inputs):
+        return {"mask": attention_mask(inputs["segment_ids"], causal=True), "positions": inputs["positions"]}
+
+    def embed(self, inputs):
+        """inputs: tokens [N, S] plus optional (values [N, K, D], positions [N, K]) merges."""
+        x = self.embedding(inputs["tokens"])
+        for values, positions in inputs.get("merges", ()):
+            x = merge_embeddings(x, values, positions)
+        return x
+
+    def step(self, block, x, ctx):
+        return block(x, mask=ctx["mask"], positions=ctx["positions"], theta=self.cfg.rope_theta)
+
+    def head(self, x):
+        """Returns (hidden, logits): the dit conditions on hidden states, the LM loss on logits."""
+        h = self.norm(x)
+        return h, self.lm_head(h)

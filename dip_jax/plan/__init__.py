@@ -1,0 +1,1 @@
+"""The planner: pure Python + numpy. Never imports jax."""

@@ -1,0 +1,1 @@
+"""JAX side: mesh set-up and (later) the table-driven pipeline executor."""

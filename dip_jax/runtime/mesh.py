@@ -1,0 +1,50 @@
+"""Devices and the ('data', 'pipe') mesh.
+
+On a host without an accelerator the CLI asks for 8 fake CPU devices; this must happen before
+jax initialises its backends, so `configure_host_devices` is called before anything touches jax.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from dip_jax.config import ConfigError, TrainConfig
+
+DEFAULT_CPU_DEVICES = 8
+AXES = ("data", "pipe")
+
+
+def configure_host_devices(n: int = DEFAULT_CPU_DEVICES) -> None:
+    """Ask for `n` CPU devices (used when no GPU/TPU is present); a no-op if already decided."""
+    if "JAX_NUM_CPU_DEVICES" in os.environ or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    if "jax" in sys.modules:
+        import jax
+        try:
+            jax.config.update("jax_num_cpu_devices", n)
+        except RuntimeError:
+            pass   # backends already initialised: keep what exists
+        return
+    os.environ["JAX_NUM_CPU_DEVICES"] = str(n)
+
+
+def check_devices(cfg: TrainConfig, n_devices: int) -> None:
+    if cfg.mesh.devices > n_devices:
+        raise ConfigError(f"mesh: data={cfg.mesh.data} x pipe={cfg.mesh.pipe} needs {cfg.mesh.devices} devices, "
+                          f"only {n_devices} available")
+    if cfg.data.microbatches % cfg.mesh.devices:
+        raise ConfigError(f"data.microbatches: {cfg.data.microbatches} cannot be split over the "
+                          f"{cfg.mesh.devices} devices of the mesh")
+
+
+def make_mesh(data: int, pipe: int, devices=None):
+    import jax
+    from jax.sharding import AxisType
+    devices = list(jax.devices() if devices is None else devices)[: data * pipe]
+    return jax.make_mesh((data, pipe), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+def mesh_for(cfg: TrainConfig):
+    import jax
+    check_devices(cfg, jax.device_count())
+    return make_mesh(cfg.mesh.data, cfg.mesh.pipe)

@@ -1,0 +1,1 @@
+"""Training: state, reference step, checkpoints, metrics and the `python -m dip_jax.train` CLI."""

@@ -1,0 +1,56 @@
+"""The reference train step: unpipelined, data-parallel over every device of the mesh.
+
+It is also the ground truth that pipelined execution is compared with.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "pipe")
+
+
+def loss_fn(graphdef, params, batch):
+    return nnx.merge(graphdef, params)(batch)
+
+
+def make_train_step(graphdef, tx):
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_step(state, batch):
+        (loss, aux), grads = jax.value_and_grad(functools.partial(loss_fn, graphdef), has_aux=True)(
+            state["params"], batch)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
+               "step": state["step"] + 1, "rng": state["rng"]}
+        return new, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+
+    return train_step
+
+
+def make_eval_loss(graphdef):
+    @jax.jit
+    def eval_loss(params, batch):
+        return loss_fn(graphdef, params, batch)[0]
+    return eval_loss
+
+
+def make_logits_fn(graphdef):
+    @jax.jit
+    def logits(params, batch):
+        return nnx.merge(graphdef, params).greedy_logits(batch)
+    return logits
+
+
+def replicated(mesh):
+    return NamedSharding(mesh, P())
+
+
+def put_batch(arrays: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """Microbatch-major arrays are split over every device; scalars are replicated."""
+    split = NamedSharding(mesh, P(BATCH_AXES))
+    return {k: jax.device_put(v, split if np.ndim(v) else replicated(mesh)) for k, v in arrays.items()}
