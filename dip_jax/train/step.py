@@ -27,7 +27,7 @@ def make_train_step(graphdef, tx):
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
                "step": state["step"] + 1, "rng": state["rng"]}
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
 
     return train_step
 

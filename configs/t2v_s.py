@@ -1,0 +1,9 @@
+"""Paper model T2V-S (Llama3 8B + DiT 5B, TP 4, PP 4), H800, 8192-token microbatches.
+
+For the planner (python -m dip_jax.plan); far too large to train on a CPU.
+"""
+from dip_jax.zoo import paper_config
+
+
+def get_config():
+    return paper_config("t2v_s", microbatches=32)

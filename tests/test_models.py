@@ -1,0 +1,111 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dip_jax.config import AudioConfig, DiTConfig, LLMConfig, ModelConfig, VisionConfig
+from dip_jax.models.audio import AudioEncoder
+from dip_jax.models.dit import DiT
+from dip_jax.models.llm import LLM
+from dip_jax.models.lmm import abstract_model, build_model, module_param_counts
+from dip_jax.models.stack import slice_layers
+from dip_jax.models.vit import ViT
+from dip_jax.overrides import load_config_file
+from dip_jax.zoo import PAPER_MODELS
+
+VIS = VisionConfig(layers=5, dim=32, mlp_hidden=48, heads=4, kv_heads=2, image_size=16, patch_size=4,
+                   channels=3, spatial_merge=2)
+AUD = AudioConfig(layers=5, dim=32, mlp_hidden=48, heads=4, kv_heads=2, mel_bins=8, frames_per_second=16)
+LLM_CFG = LLMConfig(layers=5, dim=32, mlp_hidden=48, heads=4, kv_heads=1, vocab_size=64)
+DIT_CFG = DiTConfig(layers=5, dim=32, mlp_hidden=48, heads=4, kv_heads=4, latent_channels=4,
+                    latent_frames_per_second=2, tokens_per_frame=3, cond_tokens=6, time_embed_dim=16)
+
+
+def _inputs(name, rng):
+    r = np.random.default_rng(0)
+    if name == "vision":
+        return jnp.asarray(r.standard_normal((3, 16, 16, 3)), jnp.float32)
+    if name == "audio":
+        return jnp.asarray(r.standard_normal((3, AUD.frames_per_clip, 8)), jnp.float32)
+    if name == "llm":
+        seg = jnp.asarray([[1] * 5 + [2] * 4 + [0] * 3] * 2)
+        pos = jnp.asarray([list(range(5)) + list(range(4)) + [0] * 3] * 2)
+        return {"tokens": jnp.asarray(r.integers(0, 64, (2, 12))), "segment_ids": seg, "positions": pos}
+    return {"x_t": jnp.asarray(r.standard_normal((3, DIT_CFG.tokens_per_clip, 4)), jnp.float32),
+            "t": jnp.asarray([0.1, 0.5, 0.9], jnp.float32),
+            "cond": jnp.asarray(r.standard_normal((3, 6, 24)), jnp.float32),
+            "cond_mask": jnp.asarray([[True] * 6, [True] * 3 + [False] * 3, [True] + [False] * 5])}
+
+
+MODULES = {
+    "vision": (lambda: ViT(VIS, 24, nnx.Rngs(0)), (3, VIS.tokens_per_image, 24)),
+    "audio": (lambda: AudioEncoder(AUD, 24, nnx.Rngs(0)), (3, AUD.tokens_per_clip, 24)),
+    "llm": (lambda: LLM(LLM_CFG, nnx.Rngs(0)), (2, 12, 64)),
+    "dit": (lambda: DiT(DIT_CFG, 24, nnx.Rngs(0)), (3, DIT_CFG.tokens_per_clip, 4)),
+}
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_module_output_shape(name):
+    build, shape = MODULES[name]
+    out = build()(_inputs(name, 0))
+    out = out[1] if name == "llm" else out
+    assert out.shape == shape and bool(jnp.all(jnp.isfinite(out)))
+
+
+def _run_in_chunks(module, inputs, cuts):
+    ctx, carry = module.context(inputs), module.embed(inputs)
+    params = module.layer_params()
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        carry = module.run_blocks(slice_layers(params, a, b), carry, ctx)
+    return module.head(carry)
+
+
+@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("cuts", [(0, 1, 2, 5), (0, 2, 4, 5), (0, 1, 4, 5), (0, 3, 4, 5)])
+def test_three_chunks_equal_whole_module(name, cuts):
+    build, _ = MODULES[name]
+    module = build()
+    inputs = _inputs(name, 0)
+    whole = jax.tree.leaves(module(inputs))
+    chunked = jax.tree.leaves(_run_in_chunks(module, inputs, cuts))
+    for w, c in zip(whole, chunked):
+        np.testing.assert_allclose(np.asarray(c), np.asarray(w), rtol=1e-5, atol=1e-6)
+
+
+def test_chunk_negative_control_skipping_a_layer_differs():
+    build, _ = MODULES["llm"]
+    module = build()
+    inputs = _inputs("llm", 0)
+    whole = module(inputs)[1]
+    skipped = _run_in_chunks(module, inputs, (0, 2, 5))
+    ctx, carry = module.context(inputs), module.embed(inputs)
+    p = module.layer_params()
+    carry = module.run_blocks(slice_layers(p, 0, 2), carry, ctx)
+    carry = module.run_blocks(slice_layers(p, 3, 5), carry, ctx)   # layer 2 dropped
+    assert np.allclose(skipped[1], whole, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(module.head(carry)[1], whole, rtol=1e-3, atol=1e-3)
+
+
+def test_llm_segments_do_not_attend_across_samples():
+    module = LLM(LLM_CFG, nnx.Rngs(0))
+    inputs = _inputs("llm", 0)
+    changed = dict(inputs, tokens=inputs["tokens"].at[:, 0].set((inputs["tokens"][:, 0] + 1) % 64))
+    a, b = module(inputs)[1], module(changed)[1]
+    np.testing.assert_allclose(a[:, 5:9], b[:, 5:9], rtol=1e-6)          # segment 2 unaffected
+    assert not np.allclose(a[:, 1:5], b[:, 1:5])                        # segment 1 affected
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_MODELS))
+def test_paper_param_counts_match_analytic_formula(root, name):
+    cfg = load_config_file(root / f"configs/{name}.py").model
+    counts = module_param_counts(abstract_model(cfg))     # nnx.eval_shape: nothing allocated
+    assert counts == {m: cfg.module_param_count(m) for m in cfg.modules}
+    assert sum(counts.values()) == cfg.param_count()
+
+
+def test_tiny_param_counts_match_formula_with_every_module():
+    cfg = ModelConfig(vision=VIS, audio=AUD, llm=LLM_CFG, dit=DIT_CFG)
+    counts = module_param_counts(build_model(cfg))
+    assert counts == {m: cfg.module_param_count(m) for m in cfg.modules}
