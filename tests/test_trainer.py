@@ -86,3 +86,21 @@ def test_kill_9_and_resume_reproduces_uninterrupted_losses(tmp_path):
     assert sorted(got) == sorted(expected) == list(range(1, 15))
     for step in expected:
         np.testing.assert_allclose(got[step], expected[step], rtol=1e-6, err_msg=f"step {step}")
+
+
+def test_frozen_module_and_zero_multiplier_leave_params_unchanged(root):
+    from dip_jax.train.step import make_train_step
+    cfg = apply_overrides(load_config_file(root / "configs/tiny_cpu.py"),
+                          ["optim.frozen=('vision',)", "optim.lr_multipliers=(('audio', 0.0),)",
+                           "optim.warmup_steps=0", "optim.schedule=constant"])
+    graphdef, state, tx = init_state(cfg)
+    before = jax.tree.map(np.asarray, state["params"])
+    step = make_train_step(graphdef, tx)
+    arrays = {k: jax.numpy.asarray(v) for k, v in PackedBatches(cfg)(0).arrays.items()}
+    state, metrics = step(state, arrays)
+    after = state["params"]
+    changed = lambda m: any(not np.array_equal(a, b) for a, b in
+                            zip(jax.tree.leaves(before[m]), jax.tree.leaves(after[m])))
+    assert not changed("vision") and not changed("audio")
+    assert changed("llm")
+    assert float(metrics["grad_norm"]) > 0
