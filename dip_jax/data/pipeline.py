@@ -13,12 +13,12 @@ _IDS_PER_BATCH = 1 << 20
 STREAM_LENGTH = (1 << 31) - 1
 
 
-def sample_source(cfg: TrainConfig, split: str):
+def sample_source(cfg: TrainConfig, split: str, content: bool = True):
     if cfg.data.task == "digits":
         from dip_jax.data.digits import DigitSamples
         return DigitSamples(cfg, split)
     from dip_jax.data.synthetic import SyntheticSamples
-    return SyntheticSamples(cfg)
+    return SyntheticSamples(cfg, content)
 
 
 class PackedBatches:
@@ -29,12 +29,20 @@ class PackedBatches:
     therefore a pure function of i, which makes iterator resumption exact.
     """
 
-    def __init__(self, cfg: TrainConfig, split: str = "train"):
-        self.cfg, self.split = cfg, split
-        self.samples = sample_source(cfg, split)
+    def __init__(self, cfg: TrainConfig, split: str = "train", content: bool = True):
+        self.cfg, self.split, self.content = cfg, split, content
+        self.samples = sample_source(cfg, split, content)
         self.budget = Budget.from_config(cfg)
 
+    def metadata(self, index: int) -> tuple[tuple, ...]:
+        """Just the batch's metadata, per microbatch (what the planner sees)."""
+        return self._packed(index)[1]
+
     def __call__(self, index: int) -> Batch:
+        packed, metadata = self._packed(index)
+        return Batch(collate(packed, self.cfg, self.cfg.data.seed), metadata, int(index))
+
+    def _packed(self, index: int):
         index = int(index)
         d = self.cfg.data
         rng = np.random.default_rng([d.seed, _SPLIT_CODE[self.split], index])
@@ -46,7 +54,7 @@ class PackedBatches:
             if used < len(stream):
                 break
         packed = [[stream[i] for i in mb] for mb in mbs]
-        return Batch(collate(packed, self.cfg, d.seed), tuple(tuple(s.meta for s in mb) for mb in packed), index)
+        return packed, tuple(tuple(s.meta for s in mb) for mb in packed)
 
 
 def batch_dataset(cfg: TrainConfig, split: str = "train") -> grain.MapDataset:

@@ -1,1 +1,1 @@
-"""viz."""
+"""Timelines of plans: PNG Gantt charts and Chrome/Perfetto traces."""

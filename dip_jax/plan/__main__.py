@@ -1,0 +1,121 @@
+"""`python -m dip_jax.plan --config configs/X.py [--metadata FILE.jsonl] [--batches N]
+[--schedulers dip,1f1b,...] [--seed S] [--budget SECONDS] [--rollouts N] [--out DIR]`
+
+Plans N batches with each scheduler, simulates them (lock-step as dip_jax executes, async as in
+the paper's runtime), prints a comparison table and writes DIR/plan_report.json plus, for the
+first batch, a timeline PNG and a Chrome/Perfetto trace per scheduler. Pure Python: no jax.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+
+from dip_jax.config import ConfigError
+
+
+def _args(argv):
+    p = argparse.ArgumentParser(prog="python -m dip_jax.plan", description=__doc__.split("\n\n")[1])
+    p.add_argument("--config", required=True)
+    p.add_argument("--metadata", help="JSONL, one sample per line: text_tokens, images, audio_seconds, video_seconds")
+    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--schedulers", default="dip,1f1b,interleaved_1f1b,gpipe,encoders_first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget", type=float, default=1.0, help="DIP search seconds per batch")
+    p.add_argument("--rollouts", type=int, default=None, help="fixed rollout count (deterministic) instead of --budget")
+    p.add_argument("--out", default=None)
+    p.add_argument("--hardware", default=None, help="profile name or JSON path (default: the config's)")
+    args, rest = p.parse_known_args(argv)
+    return args, rest
+
+
+def batches_for(cfg, args) -> list:
+    from dip_jax.data.metadata import read_metadata_jsonl
+    from dip_jax.data.packing import Budget, pack_into_batches
+    if args.metadata:
+        metas = list(read_metadata_jsonl(args.metadata))
+        packed = pack_into_batches(metas, Budget.from_config(cfg), cfg.data.microbatches)
+        full = [b for b in packed if len(b) == cfg.data.microbatches]
+        if not full:
+            raise ConfigError(f"--metadata: {args.metadata} fills no whole batch of {cfg.data.microbatches} microbatches")
+        return full[: args.batches]
+    from dip_jax.data.pipeline import PackedBatches
+    source = PackedBatches(cfg, content=False)
+    return [source.metadata(i) for i in range(args.batches)]
+
+
+def main(argv=None) -> int:
+    from dip_jax.overrides import apply_overrides, load_config_file, parse_config_args
+    args, rest = _args(sys.argv[1:] if argv is None else argv)
+    try:
+        _, _, overrides, unknown = parse_config_args(rest)
+        if unknown:
+            raise ConfigError(f"unknown argument {unknown[0]!r}")
+        cfg = apply_overrides(load_config_file(args.config), overrides)
+        from dip_jax.plan.schedulers import SCHEDULERS, PlanContext
+        names = [s.strip() for s in args.schedulers.split(",") if s.strip()]
+        bad = [s for s in names if s not in SCHEDULERS]
+        if bad:
+            raise ConfigError(f"--schedulers: unknown {bad}; choose from {', '.join(SCHEDULERS)}")
+        batches = batches_for(cfg, args)
+        ctx = PlanContext(cfg, args.hardware)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = pathlib.Path(args.out or f"runs/plan_{cfg.model.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{cfg.model.name}: P={cfg.mesh.pipe} TP={cfg.mesh.tensor} on {ctx.hw.name}, "
+          f"{len(batches)} batches x {cfg.data.microbatches} microbatches; DIP chunks "
+          + ", ".join(f"{m.name} {m.chunks}x~{m.layers[0]} layers (B={m.unit})" for m in ctx.partition.modules),
+          flush=True)
+    report = {"config": cfg.model.name, "hardware": ctx.hw.name, "pipe": cfg.mesh.pipe, "tensor": cfg.mesh.tensor,
+              "schedulers": {}}
+    from dip_jax.viz.timeline import write_png, write_trace
+    for name in names:
+        recs = []
+        for i, mbs in enumerate(batches):
+            res = ctx.plan(mbs, name, runtime=False, budget_seconds=args.budget, rollouts=args.rollouts,
+                           seed=args.seed + i)
+            recs.append(res.record())
+            if i == 0:
+                write_png(res.plan, res.lockstep, out / f"timeline_{name}.png", f"{cfg.model.name} {name}")
+                write_trace(res.plan, res.lockstep, out / f"timeline_{name}.trace.json", f"{cfg.model.name} {name}")
+            print(f"  {name:16s} batch {i}: {res.lockstep.iteration_seconds:8.3f} s lock-step, "
+                  f"{res.async_.iteration_seconds:8.3f} s async, bubble {100 * res.lockstep.bubble_fraction:5.1f}%",
+                  file=sys.stderr, flush=True)
+        report["schedulers"][name] = {"batches": recs}
+    (out / "plan_report.json").write_text(json.dumps(report, indent=1))
+    print(format_table(report))
+    print(f"wrote {out / 'plan_report.json'} and timelines in {out}")
+    return 0
+
+
+def summarize(report: dict) -> dict:
+    mean = lambda name, key: statistics.fmean(b[key] for b in report["schedulers"][name]["batches"])
+    return {name: {"iteration": mean(name, "iteration_seconds"), "async": mean(name, "async_iteration_seconds"),
+                   "bubble": mean(name, "bubble_fraction"), "async_bubble": mean(name, "async_bubble_fraction"),
+                   "peak": max(max(b["peak_memory_bytes"]) for b in report["schedulers"][name]["batches"]),
+                   "oom": any(b["oom"] for b in report["schedulers"][name]["batches"]),
+                   "plan": mean(name, "plan_seconds")}
+            for name in report["schedulers"]}
+
+
+def format_table(report: dict) -> str:
+    s = summarize(report)
+    names = list(s)
+    head = (f"{'scheduler':16s} {'lock-step s':>11s} {'async s':>9s} {'bubble':>7s} {'async bub':>9s} "
+            f"{'peak GB':>8s} {'OOM':>4s} {'plan s':>7s}  gain (lock-step) vs " + " ".join(f"{n:>10s}" for n in names))
+    lines = [head, "-" * len(head)]
+    for n in names:
+        r = s[n]
+        gains = " ".join(f"{100 * (s[o]['iteration'] / r['iteration'] - 1):+9.1f}%" for o in names)
+        lines.append(f"{n:16s} {r['iteration']:11.3f} {r['async']:9.3f} {100 * r['bubble']:6.1f}% "
+                     f"{100 * r['async_bubble']:8.1f}% {r['peak'] / 1e9:8.1f} {'yes' if r['oom'] else 'no':>4s} "
+                     f"{r['plan']:7.2f}  {'':19s}{gains}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

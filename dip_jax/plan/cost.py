@@ -1,0 +1,142 @@
+"""Per-layer FLOPs, bytes and activation memory of each module type, and op latencies.
+
+Latency of a layer = fixed overhead + roofline of its matmuls `max(flops/(a*F), bytes/(a_m*B))`
++ attention FLOPs at their own efficiency + tensor-parallel all-reduces. A pipeline rank is a
+TP group of `tp` devices: compute and memory are divided by tp, and each layer all-reduces its
+attention and MLP outputs (twice more in backward). Backward = 2x forward; the default memory
+strategy "recompute" adds one more forward and keeps only each chunk's input alive.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from dip_jax.config import ModelConfig, attention_params, swiglu_params
+from dip_jax.plan.hardware import Hardware
+
+BYTES = 2                          # bf16 activations and weights
+STATE_BYTES_PER_PARAM = 16         # bf16 weights + grads, fp32 master copy + Adam moments
+ACT_BYTES_PER_TOKEN_DIM = 34       # stored activations of one transformer layer (flash attention)
+STRATEGIES = ("recompute", "store")
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """Forward work of one unit (layer, or the embed/head extras) at a given shape."""
+    matmul_flops: float = 0.0
+    attention_flops: float = 0.0
+    bytes: float = 0.0
+    tp_bytes: float = 0.0          # payload all-reduced inside the TP group
+    act_bytes: float = 0.0         # activations kept for backward without recompute
+
+    def __add__(self, o: "Work") -> "Work":
+        return Work(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(o))))
+
+
+def _block(tokens: int, seq: int, dim: int, attn_dim: int, matmul_params: int, causal: bool,
+           extra_kv_tokens: int = 0) -> Work:
+    att = 4.0 * tokens * attn_dim * (seq / 2 if causal else seq)
+    att += 4.0 * tokens * attn_dim * extra_kv_tokens
+    return Work(matmul_flops=2.0 * tokens * matmul_params, attention_flops=att,
+                bytes=BYTES * (matmul_params + 12 * tokens * dim), tp_bytes=2 * BYTES * tokens * dim,
+                act_bytes=ACT_BYTES_PER_TOKEN_DIM * tokens * dim)
+
+
+class CostModel:
+    """Op latencies and memory for one model on one hardware profile with TP `tp`."""
+
+    def __init__(self, model: ModelConfig, hw: Hardware, tp: int = 1, seq_len: int = 8192):
+        self.model, self.hw, self.tp, self.seq_len = model, hw, tp, seq_len
+
+    # -- shapes --------------------------------------------------------------------------
+    def tokens_per_unit(self, module: str) -> int:
+        m = self.model
+        return {"vision": lambda: m.vision.patches, "audio": lambda: m.audio.tokens_per_clip,
+                "llm": lambda: self.seq_len, "dit": lambda: m.dit.tokens_per_clip}[module]()
+
+    def boundary_bytes(self, module: str, units: int) -> float:
+        """Activation sent between consecutive chunks (and kept per chunk under recompute)."""
+        cfg = getattr(self.model, module)
+        width = cfg.dim + (self.model.dit.cond_tokens * cfg.dim / cfg.tokens_per_clip if module == "dit" else 0)
+        return BYTES * units * self.tokens_per_unit(module) * width
+
+    # -- work ----------------------------------------------------------------------------
+    @functools.lru_cache(maxsize=None)
+    def layer_work(self, module: str, units: int) -> Work:
+        cfg = getattr(self.model, module)
+        n = self.tokens_per_unit(module)
+        attn = attention_params(cfg.dim, cfg.heads, cfg.kv_heads)
+        mm = attn + swiglu_params(cfg.dim, cfg.mlp_hidden)
+        adim = cfg.heads * cfg.head_dim
+        if module == "dit":
+            lc = self.model.dit.cond_tokens
+            w = _block(n, n, cfg.dim, adim, mm + attn + 6 * cfg.dim * cfg.dim, False, extra_kv_tokens=lc)
+        else:
+            w = _block(n, n, cfg.dim, adim, mm, causal=module == "llm")
+        return Work(*(units * x if i != 2 else units * (x - BYTES * mm) + BYTES * mm
+                      for i, x in enumerate(dataclasses.astuple(w))))
+
+    @functools.lru_cache(maxsize=None)
+    def extra_work(self, module: str, units: int, first: bool, last: bool) -> Work:
+        """Embedding / patchify work on the first chunk, head / projector / loss on the last."""
+        m = self.model
+        cfg = getattr(m, module)
+        n = units * self.tokens_per_unit(module)
+        w = Work()
+        if first:
+            p = cfg.embed_params(m.llm.dim) if module == "dit" else cfg.embed_params()
+            w += Work(matmul_flops=2.0 * n * p if module != "llm" else 0.0, bytes=BYTES * (p + 2 * n * cfg.dim))
+        if last:
+            p = cfg.head_params(m.llm.dim) if module in ("vision", "audio") else cfg.head_params()
+            out = n // (cfg.spatial_merge ** 2) if module == "vision" else n
+            w += Work(matmul_flops=2.0 * out * p, bytes=BYTES * (p + 2 * n * cfg.dim))
+        return w
+
+    # -- latency -------------------------------------------------------------------------
+    def seconds(self, w: Work, rows: int) -> float:
+        """`rows`: the GEMM M dimension (tokens in the op); small ones under-use the device."""
+        hw, e, tp = self.hw, self.hw.efficiency, self.tp
+        occupancy = rows / (rows + hw.matmul_half_tokens)
+        peak = hw.peak_flops * tp * occupancy
+        t = max(w.matmul_flops / (e["matmul"] * peak), w.bytes / (e["memory"] * hw.hbm_bandwidth * tp))
+        t += w.attention_flops / (e["attention"] * peak)
+        if tp > 1:
+            t += 2 * (tp - 1) / tp * w.tp_bytes / (e["collective"] * hw.tp_link_bandwidth)
+        return t
+
+    def op_seconds(self, module: str, kind: str, layers: int, units: int, first: bool = False,
+                   last: bool = False, strategy: str = "recompute") -> float:
+        """Latency of a forward ("F") or backward ("B") op over `layers` consecutive layers."""
+        if units <= 0:
+            return 0.0
+        rows = units * self.tokens_per_unit(module)
+        fwd = self.seconds(self.layer_work(module, units), rows) * layers + \
+            self.seconds(self.extra_work(module, units, first, last), rows)
+        fwd += self.hw.op_overhead * max(1, layers)
+        if kind == "F":
+            return fwd
+        return 2.0 * fwd + (fwd if strategy == "recompute" else 0.0)
+
+    def p2p_seconds(self, module: str, units: int) -> float:
+        e = self.hw.efficiency["p2p"]
+        return self.hw.p2p_latency + self.boundary_bytes(module, units) / self.tp / (e * self.hw.p2p_bandwidth)
+
+    # -- memory --------------------------------------------------------------------------
+    def stored_bytes(self, module: str, layers: int, units: int, strategy: str = "recompute") -> float:
+        """Bytes one forward op leaves alive until its backward."""
+        if strategy == "recompute":
+            return self.boundary_bytes(module, units) / self.tp
+        return layers * self.layer_work(module, units).act_bytes * BYTES / 2 / self.tp
+
+    def working_bytes(self, module: str, layers: int, units: int) -> float:
+        """Transient peak while a backward op recomputes its chunk."""
+        return layers * self.layer_work(module, units).act_bytes / self.tp
+
+    def param_bytes(self, params: float) -> float:
+        return STATE_BYTES_PER_PARAM * params / self.tp
+
+    def efficiency(self, module: str, units: int) -> float:
+        """Achieved fraction of peak FLOP/s of one layer at this sub-microbatch size."""
+        w = self.layer_work(module, units)
+        t = self.seconds(w, units * self.tokens_per_unit(module)) + self.hw.op_overhead
+        return (w.matmul_flops + w.attention_flops) / (t * self.hw.peak_flops * self.tp)

@@ -1,0 +1,204 @@
+"""The schedule IR: ops, the dependency graph of one batch, per-rank op orders, validation.
+
+A module with `chunks` chunks places chunk c on rank c % P. Sub-microbatch `sub` of module
+`module` in microbatch `mb` runs forward through chunks 0..chunks-1 and backward in reverse.
+Across modules: every encoder forward of microbatch m precedes the llm forward of m; the llm's
+last forward precedes each dit sub-microbatch's forward; backward mirrors this. A partition
+made of "mixed" chunks (layers of several modules, Megatron-style) is one module named "mixed".
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Iterable
+
+ENCODERS = ("vision", "audio")
+F, B = "F", "B"
+
+
+class ScheduleError(ValueError):
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Op:
+    kind: str
+    module: str
+    chunk: int
+    mb: int
+    sub: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.kind}({self.module}[{self.chunk}] mb{self.mb}.{self.sub})"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleChunks:
+    name: str
+    chunks: int                      # P * K
+    layers: tuple[int, ...]          # layers per chunk (a mixed chunk: total layers)
+    backward: bool = True            # False for frozen leading modules
+    unit: int = 1                    # sub-microbatch size B_i (items per sub-microbatch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Graph:
+    """Everything that must run for one batch: P, the chunked modules in graph order
+    (encoders, llm, dit, or one "mixed"), and the sub-microbatch count of each (mb, module)."""
+
+    P: int
+    modules: tuple[ModuleChunks, ...]
+    subs: tuple[tuple[int, ...], ...]            # [mb][module index]
+
+    def __post_init__(self):
+        object.__setattr__(self, "_index", {m.name: i for i, m in enumerate(self.modules)})
+
+    @property
+    def microbatches(self) -> int:
+        return len(self.subs)
+
+    def module(self, name: str) -> ModuleChunks:
+        return self.modules[self._index[name]]
+
+    def n_subs(self, module: str, mb: int) -> int:
+        return self.subs[mb][self._index[module]]
+
+    def rank(self, op: Op) -> int:
+        return op.chunk % self.P
+
+    def ops(self) -> list[Op]:
+        out = []
+        for mb in range(self.microbatches):
+            for m in self.modules:
+                for sub in range(self.n_subs(m.name, mb)):
+                    for c in range(m.chunks):
+                        out.append(Op(F, m.name, c, mb, sub))
+                        if m.backward:
+                            out.append(Op(B, m.name, c, mb, sub))
+        return out
+
+    def _has(self, name: str) -> bool:
+        return name in self._index
+
+    def preds(self, op: Op) -> list[Op]:
+        m = self.module(op.module)
+        last = m.chunks - 1
+        if op.kind == F:
+            if op.chunk > 0:
+                return [Op(F, op.module, op.chunk - 1, op.mb, op.sub)]
+            if op.module == "llm":
+                return [Op(F, e, self.module(e).chunks - 1, op.mb, s) for e in ENCODERS if self._has(e)
+                        for s in range(self.n_subs(e, op.mb))]
+            if op.module == "dit" and self._has("llm"):
+                return [Op(F, "llm", self.module("llm").chunks - 1, op.mb, 0)]
+            return []
+        if op.chunk < last:
+            return [Op(B, op.module, op.chunk + 1, op.mb, op.sub)]
+        out = [Op(F, op.module, last, op.mb, op.sub)]
+        if op.module == "llm" and self._has("dit") and self.module("dit").backward:
+            out += [Op(B, "dit", 0, op.mb, s) for s in range(self.n_subs("dit", op.mb))]
+        if op.module in ENCODERS and self._has("llm") and self.module("llm").backward:
+            out.append(Op(B, "llm", 0, op.mb, 0))
+        return out
+
+    def to_json(self) -> dict:
+        return {"P": self.P, "modules": [dataclasses.asdict(m) for m in self.modules],
+                "subs": [list(s) for s in self.subs]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Graph":
+        mods = tuple(ModuleChunks(m["name"], m["chunks"], tuple(m["layers"]), m["backward"], m["unit"])
+                     for m in d["modules"])
+        return cls(d["P"], mods, tuple(tuple(s) for s in d["subs"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One batch's schedule: the graph, each rank's op order, and the memory strategy per
+    (module, chunk, mb, sub) pair that differs from the default ("recompute")."""
+
+    graph: Graph
+    order: tuple[tuple[Op, ...], ...]
+    scheduler: str = ""
+    strategy: tuple[tuple[Op, str], ...] = ()
+
+    def strategy_of(self, op: Op) -> str:
+        return dict(self.strategy).get(Op(F, op.module, op.chunk, op.mb, op.sub), "recompute")
+
+    def to_json(self) -> dict:
+        enc = lambda o: [o.kind, o.module, o.chunk, o.mb, o.sub]
+        return {"scheduler": self.scheduler, "graph": self.graph.to_json(),
+                "order": [[enc(o) for o in r] for r in self.order],
+                "strategy": [[enc(o), s] for o, s in self.strategy]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Plan":
+        dec = lambda x: Op(*x)
+        return cls(Graph.from_json(d["graph"]), tuple(tuple(dec(o) for o in r) for r in d["order"]),
+                   d.get("scheduler", ""), tuple((dec(o), s) for o, s in d.get("strategy", ())))
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json())
+
+
+def validate(plan: Plan, costs=None, memory_cap: float | None = None) -> None:
+    """Raise ScheduleError unless every op appears exactly once on its rank, each rank's order
+    respects same-rank dependencies, the ranks cannot deadlock, and (given `costs`, a
+    `simulate.Costs`) no rank's simulated peak memory exceeds `memory_cap`."""
+    g = plan.graph
+    if len(plan.order) != g.P:
+        raise ScheduleError("ranks", f"plan has {len(plan.order)} rank lists, graph has P={g.P}")
+    expected = set(g.ops())
+    seen: set[Op] = set()
+    for r, ops in enumerate(plan.order):
+        for op in ops:
+            if op in seen:
+                raise ScheduleError("duplicate", f"{op} appears twice")
+            if op not in expected:
+                raise ScheduleError("unknown", f"{op} is not an op of this batch")
+            if g.rank(op) != r:
+                raise ScheduleError("wrong_rank", f"{op} belongs on rank {g.rank(op)}, found on rank {r}")
+            seen.add(op)
+    missing = expected - seen
+    if missing:
+        raise ScheduleError("missing", f"{len(missing)} ops missing, e.g. {min(missing)}")
+    for r, ops in enumerate(plan.order):
+        pos = {op: i for i, op in enumerate(ops)}
+        for i, op in enumerate(ops):
+            for p in g.preds(op):
+                if g.rank(p) == r and pos[p] > i:
+                    raise ScheduleError("dependency", f"rank {r} runs {op} before its input {p}")
+    order_topological(plan)
+    if costs is not None and memory_cap is not None:
+        from dip_jax.plan.simulate import check_memory, simulate
+        check_memory(simulate(plan, costs, "async"), memory_cap)
+
+
+def order_topological(plan: Plan) -> list[Op]:
+    """All ops in an order that runs every rank's list in order; raises on deadlock."""
+    g = plan.graph
+    heads = [0] * g.P
+    done: set[Op] = set()
+    out: list[Op] = []
+    progress = True
+    while progress:
+        progress = False
+        for r, ops in enumerate(plan.order):
+            while heads[r] < len(ops) and all(p in done for p in g.preds(ops[heads[r]])):
+                done.add(ops[heads[r]])
+                out.append(ops[heads[r]])
+                heads[r] += 1
+                progress = True
+    if len(out) != sum(len(o) for o in plan.order):
+        stuck = [str(ops[heads[r]]) for r, ops in enumerate(plan.order) if heads[r] < len(ops)]
+        raise ScheduleError("deadlock", f"ranks wait on each other forever at {', '.join(stuck)}")
+    return out
+
+
+def by_rank(graph: Graph, ops: Iterable[Op]) -> tuple[tuple[Op, ...], ...]:
+    lists: list[list[Op]] = [[] for _ in range(graph.P)]
+    for op in ops:
+        lists[graph.rank(op)].append(op)
+    return tuple(tuple(l) for l in lists)

@@ -1,0 +1,104 @@
+"""One interface for every scheduler: batch metadata in, a validated plan and its timelines out.
+
+`runtime=True` (what the trainer executes): every scheduler runs on DIP's modality chunks and
+only the op order differs. `runtime=False` (the plan CLI's comparison, as in the paper): the
+Megatron baselines use parameter-balanced mixed partitions (V=1 for gpipe/1f1b, V=2 for
+interleaved 1F1B) and "nnscaler" the latency-balanced static partition of the first batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+from dip_jax.config import TrainConfig
+from dip_jax.data.metadata import SampleMeta
+from dip_jax.plan import hardware
+from dip_jax.plan.baselines import BASELINES, schedule_baseline
+from dip_jax.plan.cost import CostModel
+from dip_jax.plan.partition import (ModalityPartition, backward_modules, dip_partition, megatron_partition,
+                                    static_best_partition)
+from dip_jax.plan.schedule import Plan, validate
+from dip_jax.plan.search import search
+from dip_jax.plan.simulate import Costs, Timeline, simulate
+from dip_jax.plan.workload import Workload, workload_from_metadata
+
+SCHEDULERS = ("dip", *BASELINES, "nnscaler")
+MEGATRON_V = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2}
+
+
+@dataclasses.dataclass
+class PlanResult:
+    scheduler: str
+    plan: Plan
+    costs: Costs
+    lockstep: Timeline
+    async_: Timeline
+    plan_seconds: float
+    oom: bool
+    rollouts: int = 0
+
+    def record(self) -> dict:
+        return {"iteration_seconds": self.lockstep.iteration_seconds,
+                "async_iteration_seconds": self.async_.iteration_seconds,
+                "lower_bound_seconds": self.lockstep.lower_bound_seconds,
+                "bubble_fraction": self.lockstep.bubble_fraction,
+                "async_bubble_fraction": self.async_.bubble_fraction,
+                "peak_memory_bytes": [float(x) for x in self.lockstep.peak_memory],
+                "oom": self.oom, "plan_seconds": self.plan_seconds, "ticks": self.lockstep.ticks,
+                "rollouts": self.rollouts}
+
+
+class PlanContext:
+    """What stays fixed over a run: cost model, DIP partition, memory cap."""
+
+    def __init__(self, cfg: TrainConfig, hw_profile: str | None = None):
+        self.cfg = cfg
+        self.hw = hardware.load(hw_profile or cfg.pipeline.hardware)
+        self.cost = CostModel(cfg.model, self.hw, cfg.mesh.tensor, cfg.data.seq_len)
+        d = cfg.data
+        max_items = {"vision": d.max_images, "audio": d.max_audio_clips, "dit": d.max_video_clips}
+        self.partition: ModalityPartition = dip_partition(cfg.model, self.cost, cfg.mesh.pipe, max_items,
+                                                          cfg.optim.frozen)
+        self.memory_cap = cfg.pipeline.memory_cap_gb * 1e9
+        self._static = {}
+
+    def workload(self, microbatches: Sequence[Sequence[SampleMeta]]) -> Workload:
+        return workload_from_metadata(self.cfg, microbatches)
+
+    def _mixed(self, scheduler: str, work: Workload):
+        if scheduler not in self._static:
+            P = self.cfg.mesh.pipe
+            bwd = any(backward_modules(self.cfg.model, self.cfg.optim.frozen).values())
+            self._static[scheduler] = (static_best_partition(self.cfg.model, self.cost, P, work, 1, bwd)
+                                       if scheduler == "nnscaler" else
+                                       megatron_partition(self.cfg.model, P, MEGATRON_V[scheduler], bwd))
+        return self._static[scheduler]
+
+    def plan(self, microbatches: Sequence[Sequence[SampleMeta]], scheduler: str = "dip", runtime: bool = True,
+             budget_seconds: float = 1.0, rollouts: int | None = None, seed: int = 0) -> PlanResult:
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        t0 = time.perf_counter()
+        work = self.workload(microbatches)
+        n_rollouts = 0
+        if scheduler == "dip" or scheduler == "encoders_first" or (runtime and scheduler != "nnscaler"):
+            graph = self.partition.graph(work)
+            costs = self.partition.costs(self.cost, self.cfg.model)
+            if scheduler == "dip":
+                plan, stats = search(graph, costs, budget_seconds, rollouts, seed, self.memory_cap)
+                n_rollouts = stats.rollouts
+            else:
+                plan = schedule_baseline(scheduler, graph, costs)
+        else:
+            part = self._mixed(scheduler, work)
+            graph = part.graph(work)
+            costs = part.costs(self.cost, self.cfg.model, work)
+            plan = schedule_baseline("1f1b" if scheduler == "nnscaler" else scheduler, graph, costs)
+            plan = dataclasses.replace(plan, scheduler=scheduler)
+        validate(plan)
+        elapsed = time.perf_counter() - t0
+        lock = simulate(plan, costs, "lockstep")
+        asy = simulate(plan, costs, "async")
+        oom = max(lock.peak_memory) > self.memory_cap
+        return PlanResult(scheduler, plan, costs, lock, asy, elapsed, oom, n_rollouts)

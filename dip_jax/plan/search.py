@@ -1,0 +1,149 @@
+"""DIP's schedule search (paper §5.1): MCTS over segment priorities, scored in lock-step.
+
+A group is (module, microbatch): all its segments share one priority and keep their order.
+Groups of one module also keep microbatch order, so a priority sequence is an interleaving of
+the per-module sequences and each tree level chooses which module's next group comes first.
+Nodes keep the best score seen below them (not the mean); UCB = s^alpha + beta*sqrt(ln N/n).
+Rollouts complete a prefix at random (biased toward microbatch order), run the dual-queue
+interleaver and the lock-step simulator. Deterministic for a given seed and rollout budget.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+
+from dip_jax.plan.interleave import Policy, interleave
+from dip_jax.plan.schedule import F, Graph, Plan
+from dip_jax.plan.simulate import Costs, simulate
+
+ALPHA, BETA, GREEDY = 4.0, 0.2, 0.7
+
+
+@dataclasses.dataclass
+class SearchStats:
+    rollouts: int = 0
+    seconds: float = 0.0
+    default_seconds: float = 0.0      # lock-step time of the plain microbatch-order priority
+    best_seconds: float = 0.0
+
+
+class _Node:
+    __slots__ = ("children", "visits", "best")
+
+    def __init__(self):
+        self.children: dict[int, _Node] = {}
+        self.visits = 0
+        self.best = 0.0
+
+
+def _groups(graph: Graph) -> list[list[tuple[str, int]]]:
+    """Per module (graph order), its groups in microbatch order (microbatches with work only)."""
+    return [[(m.name, mb) for mb in range(graph.microbatches) if graph.n_subs(m.name, mb)]
+            for m in graph.modules]
+
+
+def _policy(graph: Graph, seq: list[tuple[str, int]], memory_cap) -> Policy:
+    rank = {g: i for i, g in enumerate(seq)}
+    return Policy("dip", lambda op: (rank[(op.module, op.mb)], op.sub, op.chunk if op.kind == F else -op.chunk),
+                  alternate=True, memory_cap=memory_cap)
+
+
+def _sequence(lanes, choices: list[int]) -> list[tuple[str, int]]:
+    pos = [0] * len(lanes)
+    out = []
+    for c in choices:
+        out.append(lanes[c][pos[c]])
+        pos[c] += 1
+    return out
+
+
+def _open_lanes(lanes, choices):
+    pos = [0] * len(lanes)
+    for c in choices:
+        pos[c] += 1
+    return [i for i, l in enumerate(lanes) if pos[i] < len(l)], pos
+
+
+def _complete(lanes, prefix: list[int], rng: random.Random) -> list[int]:
+    """Random completion, biased toward taking the lane whose next microbatch is earliest."""
+    choices = list(prefix)
+    open_, pos = _open_lanes(lanes, choices)
+    while open_:
+        if len(open_) == 1 or rng.random() < GREEDY:
+            c = min(open_, key=lambda i: (lanes[i][pos[i]][1], i))
+        else:
+            c = rng.choice(open_)
+        choices.append(c)
+        pos[c] += 1
+        if pos[c] == len(lanes[c]):
+            open_.remove(c)
+    return choices
+
+
+def search(graph: Graph, costs: Costs, budget_seconds: float = 1.0, rollouts: int | None = None,
+           seed: int = 0, memory_cap: float | None = None) -> tuple[Plan, SearchStats]:
+    """Best plan found within `budget_seconds` (or exactly `rollouts` rollouts, deterministic)."""
+    t0 = time.perf_counter()
+    rng = random.Random(seed)
+    lanes = _groups(graph)
+    cache: dict[tuple, float] = {}
+
+    def evaluate(choices: list[int]):
+        key = tuple(choices)
+        if key in cache:                     # a repeated sequence cannot beat the best
+            return None, cache[key]
+        plan = interleave(graph, costs, _policy(graph, _sequence(lanes, choices), memory_cap))
+        t = simulate(plan, costs, "lockstep").iteration_seconds
+        cache[key] = t
+        return plan, t
+
+    default = []
+    open_, pos = _open_lanes(lanes, [])
+    while open_:                                     # microbatch order, graph order within one
+        c = min(open_, key=lambda i: (lanes[i][pos[i]][1], i))
+        default.append(c)
+        pos[c] += 1
+        if pos[c] == len(lanes[c]):
+            open_.remove(c)
+    best_plan, best_t = evaluate(default)
+    stats = SearchStats(rollouts=1, default_seconds=best_t)
+    t_ref = best_t
+    root = _Node()
+    depth_max = len(default)
+    done = lambda: (stats.rollouts >= rollouts) if rollouts is not None else \
+        (time.perf_counter() - t0 >= budget_seconds)
+    while not done():
+        # selection
+        node, prefix, path = root, [], [root]
+        while True:
+            open_, _ = _open_lanes(lanes, prefix)
+            if not open_ or len(prefix) >= depth_max:
+                break
+            unvisited = [c for c in open_ if c not in node.children]
+            if unvisited:
+                c = unvisited[0]
+                node.children[c] = _Node()
+                node, prefix = node.children[c], prefix + [c]
+                path.append(node)
+                break
+            c = max(open_, key=lambda c: node.children[c].best ** ALPHA +
+                    BETA * math.sqrt(math.log(max(1, node.visits)) / max(1, node.children[c].visits)))
+            node, prefix = node.children[c], prefix + [c]
+            path.append(node)
+        # rollout from the new node
+        choices = _complete(lanes, prefix, rng)
+        plan, t = evaluate(choices)
+        stats.rollouts += 1
+        if t < best_t:
+            best_plan, best_t = plan, t
+        score = t_ref / t
+        for n in path:
+            n.visits += 1
+            n.best = max(n.best, score)
+        if not _open_lanes(lanes, prefix)[0]:
+            break                                   # the whole space is one sequence
+    stats.seconds = time.perf_counter() - t0
+    stats.best_seconds = best_t
+    return best_plan, stats
