@@ -2,7 +2,7 @@
 
 Each rank keeps a forward and a backward queue of ready ops. The rank that can start an op
 earliest goes next. If both queues hold ops ready by the time the rank is free, it alternates
-F/B (1F1B-like) taking the highest-priority ready op; otherwise it takes the op that can start
+F/B (1F1B-like), taking the highest-priority ready op; otherwise it takes the op that can start
 first, filling the bubble. Forward queues are gated by memory (and, for the baselines, by a cap
 on microbatches in flight). The baselines are policies of the same engine.
 """
@@ -13,7 +13,8 @@ import heapq
 import math
 from typing import Callable
 
-from dip_jax.plan.schedule import B, F, Graph, Op, Plan
+from dip_jax.plan.indexed import Indexed
+from dip_jax.plan.schedule import F, Graph, Op, Plan
 from dip_jax.plan.simulate import Costs
 
 INF = math.inf
@@ -36,159 +37,150 @@ def default_priority(graph: Graph) -> Callable[[Op], tuple]:
 
 
 class _Queue:
-    """Ready ops of one kind on one rank: earliest start and best priority, lazily deleted."""
+    """Ready ops of one kind on one rank, by (ready time, priority) and by priority."""
+
+    __slots__ = ("by_time", "by_prio", "taken")
 
     def __init__(self):
         self.by_time: list = []
         self.by_prio: list = []
         self.taken: set = set()
 
-    def push(self, op, t, prio):
-        heapq.heappush(self.by_time, (t, prio, op))
-        heapq.heappush(self.by_prio, (prio, t, op))
-
-    def _clean(self, h):
-        while h and h[0][2] in self.taken:
-            heapq.heappop(h)
+    def push(self, i: int, t: float, prio: int):
+        heapq.heappush(self.by_time, (t, prio, i))
+        heapq.heappush(self.by_prio, (prio, t, i))
 
     def earliest(self):
-        self._clean(self.by_time)
-        return self.by_time[0] if self.by_time else None
+        h, taken = self.by_time, self.taken
+        while h and h[0][2] in taken:
+            heapq.heappop(h)
+        return h[0] if h else None
 
-    def best_ready(self, t_ready):
-        """Highest priority op that can start by t_ready (None if none)."""
-        self._clean(self.by_prio)
-        skipped, found = [], None
-        while self.by_prio:
-            item = heapq.heappop(self.by_prio)
-            if item[2] in self.taken:
-                continue
-            if item[1] <= t_ready:
-                found = item
-                break
-            skipped.append(item)
-            if len(skipped) > 64:      # rare: fall back to the earliest op
-                break
-        for s in skipped:
-            heapq.heappush(self.by_prio, s)
-        if found is None:
-            e = self.earliest()
-            return (e[1], e[0], e[2]) if e else None
-        heapq.heappush(self.by_prio, found)
-        return found
+    def best_ready(self, t_ready: float, allowed=None):
+        """(t, prio, id) of the most urgent op ready by t_ready (and `allowed`), else None."""
+        h, taken = self.by_prio, self.taken
+        while h and h[0][2] in taken:
+            heapq.heappop(h)
+        for prio, t, i in heapq.nsmallest(8, h) if len(h) > 1 else h:
+            if i not in taken and t <= t_ready and (allowed is None or allowed(i)):
+                return t, prio, i
+        return None
 
-    def take(self, op):
-        self.taken.add(op)
+    def first_allowed(self, allowed):
+        for t, prio, i in heapq.nsmallest(256, self.by_time):
+            if i not in self.taken and allowed(i):
+                return t, prio, i
+        return None
 
 
-def interleave(graph: Graph, costs: Costs, policy: Policy) -> Plan:
-    P = graph.P
-    ops = graph.ops()
-    preds = {op: graph.preds(op) for op in ops}
-    succs: dict[Op, list[Op]] = {op: [] for op in ops}
-    for op in ops:
-        for p in preds[op]:
-            succs[p].append(op)
-    waiting = {op: len(preds[op]) for op in ops}
-    ready_at = {op: 0.0 for op in ops}
-    lat = {op: costs.latency(op) for op in ops}
-    prio = {op: policy.priority(op) for op in ops}
-    queues = [{F: _Queue(), B: _Queue()} for _ in range(P)]
+def interleave(graph: Graph, costs: Costs, policy: Policy, ix: Indexed | None = None) -> Plan:
+    ix = ix or Indexed(graph, costs)
+    return ix.plan(interleave_ids(ix, policy), policy.name)
+
+
+def priority_ranks(ix: Indexed, priority: Callable[[Op], tuple]) -> list[int]:
+    keys = sorted(range(ix.n), key=lambda i: priority(ix.ops[i]))
+    rank = [0] * ix.n
+    for pos, i in enumerate(keys):
+        rank[i] = pos
+    return rank
+
+
+def interleave_ids(ix: Indexed, policy: Policy, prio: list[int] | None = None) -> list[list[int]]:
+    P, n = ix.P, ix.n
+    prio = prio if prio is not None else priority_ranks(ix, policy.priority)
+    rank, is_b, lat, p2p, succs, stored, pair = ix.rank, ix.is_b, ix.lat, ix.p2p, ix.succs, ix.stored, ix.pair
+    has_b = ix.has_backward
+    mb = [op.mb for op in ix.ops]
+    waiting = [len(p) for p in ix.preds]
+    ready_at = [0.0] * n
+    queues = [(_Queue(), _Queue()) for _ in range(P)]
     f_left = [0] * P
-    b_left_mb = [dict() for _ in range(P)]          # mb -> B ops still to run on the rank
-    for op in ops:
-        r = graph.rank(op)
-        if op.kind == F:
+    b_left = [dict() for _ in range(P)]          # mb -> backward ops left on the rank
+    for i in range(n):
+        r = rank[i]
+        if not is_b[i]:
             f_left[r] += 1
-        elif graph.module(op.module).backward:
-            b_left_mb[r][op.mb] = b_left_mb[r].get(op.mb, 0) + 1
-        if waiting[op] == 0:
-            queues[r][op.kind].push(op, 0.0, prio[op])
+        else:
+            b_left[r][mb[i]] = b_left[r].get(mb[i], 0) + 1
+        if waiting[i] == 0:
+            queues[r][is_b[i]].push(i, 0.0, prio[i])
     t_last = [0.0] * P
-    last_kind = [B] * P
-    live = [costs.static(r) for r in range(P)]
+    last_b = [True] * P
+    live = list(ix.static)
     inflight: list[set] = [set() for _ in range(P)]
-    end: dict[Op, float] = {}
-    order: list[list[Op]] = [[] for _ in range(P)]
-    remaining = len(ops)
+    order: list[list[int]] = [[] for _ in range(P)]
+    cap, limit = policy.memory_cap, policy.inflight
+    gated = cap is not None or limit is not None
 
-    def f_allowed(r, op, strict):
-        if not strict:
-            return True
-        if policy.memory_cap is not None and live[r] > policy.memory_cap:
+    def f_ok(r: int, i: int) -> bool:
+        if cap is not None and live[r] > cap:
             return False
-        if policy.inflight is not None and op.mb not in inflight[r] and b_left_mb[r].get(op.mb) \
-                and len(inflight[r]) >= policy.inflight(r):
+        if limit is not None and mb[i] not in inflight[r] and b_left[r].get(mb[i]) and len(inflight[r]) >= limit(r):
             return False
         return True
 
-    def candidates(r, strict):
-        """(earliest start, op) per kind this rank may run now."""
-        out = {}
-        for kind in (F, B):
-            if kind == B and policy.forwards_first and strict and f_left[r]:
-                continue
-            q = queues[r][kind]
-            e = q.earliest()
-            if e is None:
-                continue
-            if kind == F and not f_allowed(r, e[2], strict):
-                # gated: only forwards of microbatches already in flight may go
-                best = None
-                for t, p, op in sorted(q.by_time)[:256]:
-                    if op not in q.taken and op.mb in inflight[r] and (
-                            policy.memory_cap is None or live[r] <= policy.memory_cap):
-                        best = (t, p, op)
-                        break
-                if best is None:
-                    continue
-                e = best
-            out[kind] = e
-        return out
+    def candidates(r: int, strict: bool):
+        qf, qb = queues[r]
+        ef = qf.earliest()
+        if ef is not None and strict and gated and not f_ok(r, ef[2]):
+            ef = qf.first_allowed(lambda i: f_ok(r, i))
+        eb = None if (policy.forwards_first and strict and f_left[r]) else qb.earliest()
+        return ef, eb
 
-    while remaining:
+    cache: list = [None] * P                 # per rank: (earliest start, ef, eb), None = stale
+    for _ in range(n):
         pick = None
         for strict in (True, False):          # never stall: relax the gates if nothing can go
             best_t = INF
             for r in range(P):
-                c = candidates(r, strict)
-                if not c:
-                    continue
-                t = max(t_last[r], min(e[0] for e in c.values()))
-                if t < best_t:
-                    best_t, pick = t, (r, c)
+                c = cache[r] if strict else None
+                if c is None:
+                    ef, eb = candidates(r, strict)
+                    if ef is None and eb is None:
+                        c = (INF, None, None)
+                    else:
+                        t = min(e[0] for e in (ef, eb) if e is not None)
+                        c = (t if t > t_last[r] else t_last[r], ef, eb)
+                    if strict:
+                        cache[r] = c
+                if c[0] < best_t:
+                    best_t, pick = c[0], (r, c[1], c[2])
             if pick is not None:
                 break
-        r, c = pick
-        q = queues[r]
-        if F in c and B in c and c[F][0] <= t_last[r] and c[B][0] <= t_last[r]:
-            kind = (B if last_kind[r] == F else F) if policy.alternate else B
-            chosen = q[kind].best_ready(t_last[r])[2]
-            if kind == F and not f_allowed(r, chosen, True):
-                chosen = c[F][2]
+        r, ef, eb = pick
+        cache[r] = None
+        tl = t_last[r]
+        if ef is not None and eb is not None and ef[0] <= tl and eb[0] <= tl:
+            if not policy.alternate or not last_b[r]:
+                i = (queues[r][1].best_ready(tl) or eb)[2]
+            else:
+                got = queues[r][0].best_ready(tl, (lambda j: f_ok(r, j)) if gated else None)
+                i = (got or ef)[2]
         else:
-            chosen = min(c.values(), key=lambda e: (e[0], e[1]))[2]
-        q[chosen.kind].take(chosen)
-        start = max(t_last[r], ready_at[chosen])
-        end[chosen] = start + lat[chosen]
-        t_last[r], last_kind[r] = end[chosen], chosen.kind
-        order[r].append(chosen)
-        remaining -= 1
-        bwd = graph.module(chosen.module).backward
-        if chosen.kind == F:
+            i = min((e for e in (ef, eb) if e is not None), key=lambda e: (e[0], e[1]))[2]
+        queues[r][is_b[i]].taken.add(i)
+        s = ready_at[i] if ready_at[i] > tl else tl
+        e = s + lat[i]
+        t_last[r], last_b[r] = e, is_b[i]
+        order[r].append(i)
+        if not is_b[i]:
             f_left[r] -= 1
-            if bwd:
-                live[r] += costs.stored(chosen)
-                inflight[r].add(chosen.mb)
+            if has_b[i]:
+                live[r] += stored[i]
+                inflight[r].add(mb[i])
         else:
-            live[r] -= costs.stored(Op(F, chosen.module, chosen.chunk, chosen.mb, chosen.sub))
-            b_left_mb[r][chosen.mb] -= 1
-            if b_left_mb[r][chosen.mb] == 0:
-                inflight[r].discard(chosen.mb)
-        for s in succs[chosen]:
-            rs = graph.rank(s)
-            ready_at[s] = max(ready_at[s], end[chosen] + (costs.p2p(chosen) if rs != r else 0.0))
-            waiting[s] -= 1
-            if waiting[s] == 0:
-                queues[rs][s.kind].push(s, ready_at[s], prio[s])
-    return Plan(graph, tuple(tuple(o) for o in order), policy.name)
+            live[r] -= stored[pair[i]]
+            b_left[r][mb[i]] -= 1
+            if b_left[r][mb[i]] == 0:
+                inflight[r].discard(mb[i])
+        for s_ in succs[i]:
+            rs = rank[s_]
+            v = e + (p2p[i] if rs != r else 0.0)
+            if v > ready_at[s_]:
+                ready_at[s_] = v
+            waiting[s_] -= 1
+            if waiting[s_] == 0:
+                queues[rs][is_b[s_]].push(s_, ready_at[s_], prio[s_])
+                cache[rs] = None
+    return order

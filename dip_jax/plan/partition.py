@@ -9,6 +9,7 @@ module's layers are cut into P*K_i near-equal chunks of consecutive layers, chun
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 from dip_jax.config import ModelConfig
@@ -95,25 +96,54 @@ class ModalityPartition:
 
 
 def dip_partition(model: ModelConfig, cost: CostModel, P: int, max_items: dict[str, int],
-                  frozen: tuple[str, ...] = ()) -> ModalityPartition:
+                  frozen: tuple[str, ...] = (), align: bool = True) -> ModalityPartition:
+    """DIP's partition. B_i is the smallest size within 95% of the best efficiency (sub-microbatches
+    run padded to B_i, so larger sizes waste work). With `align` (the default), the segment
+    counts K_i, the llm's included, are chosen so that every module's chunk op lasts as close as
+    possible to the others, because a lock-step tick lasts as long as its slowest op; among
+    equally aligned choices the fewest chunks win. `align=False` is the paper's rule,
+    K_i = floor(T_i / T_min)."""
     bwd = backward_modules(model, frozen)
-    unit, T = {}, {}
-    for name in model.modules:
+    sizes, T = {}, {}
+
+    def module_time(name, b):
         L = module_layers(model, name)
+        return cost.op_seconds(name, F, L, b) + (cost.op_seconds(name, "B", L, b) if bwd[name] else 0.0)
+
+    for name in model.modules:
         if name == "llm":
-            unit[name] = 1
+            sizes[name] = [1]
         else:
-            sizes = range(1, max(1, max_items.get(name, 1)) + 1)
-            eff = {b: cost.efficiency(name, b) for b in sizes}
+            cand = range(1, max(1, max_items.get(name, 1)) + 1)
+            eff = {b: cost.efficiency(name, b) for b in cand}
             best = max(eff.values())
-            unit[name] = min(b for b in sizes if eff[b] >= EFFICIENCY_TARGET * best)
-        T[name] = cost.op_seconds(name, F, L, unit[name]) + (cost.op_seconds(name, "B", L, unit[name]) if bwd[name] else 0)
-    t_min = min(T.values())
+            sizes[name] = [min(b for b in cand if eff[b] >= EFFICIENCY_TARGET * best)]
+        T[name] = {b: module_time(name, b) for b in sizes[name]}
+    kmax = {name: max(1, module_layers(model, name) // P) for name in model.modules}
+    if align:
+        unit = {name: sizes[name][0] for name in model.modules}
+        layers = {name: module_layers(model, name) for name in model.modules}
+
+        def chunk_times(name, K):
+            return {T[name][unit[name]] * c / layers[name] for c in set(split_layers(layers[name], P * K))}
+
+        best_choice, best_key = None, None
+        for ks in itertools.product(*(range(1, kmax[name] + 1) for name in model.modules)):
+            times = set().union(*(chunk_times(name, k) for name, k in zip(model.modules, ks)))
+            spread = 1.0 - min(times) / max(times)       # lock-step waste between chunk ops
+            key = (round(spread, 2), sum(ks))            # then the fewest chunks
+            if best_key is None or key < best_key:
+                best_choice, best_key = {name: (unit[name], k) for name, k in zip(model.modules, ks)}, key
+        choice = best_choice
+    else:
+        unit = {name: sizes[name][0] for name in model.modules}
+        t_min = min(T[name][unit[name]] for name in model.modules)
+        choice = {name: (unit[name], max(1, min(int(T[name][unit[name]] // t_min), kmax[name])))
+                  for name in model.modules}
     mods = []
     for name in model.modules:
-        L = module_layers(model, name)
-        K = max(1, min(int(T[name] // t_min), L // P))
-        mods.append(ModuleChunks(name, P * K, split_layers(L, P * K), bwd[name], unit[name]))
+        b, K = choice[name]
+        mods.append(ModuleChunks(name, P * K, split_layers(module_layers(model, name), P * K), bwd[name], b))
     return ModalityPartition(P, tuple(mods))
 
 

@@ -14,9 +14,10 @@ import math
 import random
 import time
 
-from dip_jax.plan.interleave import Policy, interleave
+from dip_jax.plan.indexed import Indexed
+from dip_jax.plan.interleave import Policy, interleave_ids
 from dip_jax.plan.schedule import F, Graph, Plan
-from dip_jax.plan.simulate import Costs, simulate
+from dip_jax.plan.simulate import Costs, iteration_seconds
 
 ALPHA, BETA, GREEDY = 4.0, 0.2, 0.7
 
@@ -44,10 +45,13 @@ def _groups(graph: Graph) -> list[list[tuple[str, int]]]:
             for m in graph.modules]
 
 
-def _policy(graph: Graph, seq: list[tuple[str, int]], memory_cap) -> Policy:
-    rank = {g: i for i, g in enumerate(seq)}
-    return Policy("dip", lambda op: (rank[(op.module, op.mb)], op.sub, op.chunk if op.kind == F else -op.chunk),
-                  alternate=True, memory_cap=memory_cap)
+def _within_group_ranks(ix: Indexed) -> tuple[list[int], dict]:
+    """Per op: its group (module, mb) and its fixed position inside the group."""
+    keys = sorted(range(ix.n), key=lambda i: (ix.ops[i].sub, ix.ops[i].chunk if not ix.is_b[i] else -ix.ops[i].chunk))
+    within = [0] * ix.n
+    for pos, i in enumerate(keys):
+        within[i] = pos
+    return within, {}
 
 
 def _sequence(lanes, choices: list[int]) -> list[tuple[str, int]]:
@@ -88,16 +92,22 @@ def search(graph: Graph, costs: Costs, budget_seconds: float = 1.0, rollouts: in
     t0 = time.perf_counter()
     rng = random.Random(seed)
     lanes = _groups(graph)
+    ix = Indexed(graph, costs)
+    within, _ = _within_group_ranks(ix)
+    group_of = [(op.module, op.mb) for op in ix.ops]
+    policy = Policy("dip", lambda op: (), alternate=True, memory_cap=memory_cap)
     cache: dict[tuple, float] = {}
 
     def evaluate(choices: list[int]):
         key = tuple(choices)
         if key in cache:                     # a repeated sequence cannot beat the best
             return None, cache[key]
-        plan = interleave(graph, costs, _policy(graph, _sequence(lanes, choices), memory_cap))
-        t = simulate(plan, costs, "lockstep").iteration_seconds
+        rank = {g: k for k, g in enumerate(_sequence(lanes, choices))}
+        prio = [rank[group_of[i]] * ix.n + within[i] for i in range(ix.n)]
+        order = interleave_ids(ix, policy, prio)
+        t = iteration_seconds(ix, order, "lockstep")
         cache[key] = t
-        return plan, t
+        return order, t
 
     default = []
     open_, pos = _open_lanes(lanes, [])
@@ -107,7 +117,7 @@ def search(graph: Graph, costs: Costs, budget_seconds: float = 1.0, rollouts: in
         pos[c] += 1
         if pos[c] == len(lanes[c]):
             open_.remove(c)
-    best_plan, best_t = evaluate(default)
+    best_order, best_t = evaluate(default)
     stats = SearchStats(rollouts=1, default_seconds=best_t)
     t_ref = best_t
     root = _Node()
@@ -134,10 +144,10 @@ def search(graph: Graph, costs: Costs, budget_seconds: float = 1.0, rollouts: in
             path.append(node)
         # rollout from the new node
         choices = _complete(lanes, prefix, rng)
-        plan, t = evaluate(choices)
+        order, t = evaluate(choices)
         stats.rollouts += 1
         if t < best_t:
-            best_plan, best_t = plan, t
+            best_order, best_t = order, t
         score = t_ref / t
         for n in path:
             n.visits += 1
@@ -146,4 +156,4 @@ def search(graph: Graph, costs: Costs, budget_seconds: float = 1.0, rollouts: in
             break                                   # the whole space is one sequence
     stats.seconds = time.perf_counter() - t0
     stats.best_seconds = best_t
-    return best_plan, stats
+    return ix.plan(best_order, "dip"), stats

@@ -3,16 +3,18 @@
 Two modes:
 - "async": each rank runs its list in order as soon as inputs arrive (+ p2p latency), as in
   Megatron's asynchronous send/recv runtime (the paper's setting);
-- "lockstep": the dip_jax executor. Ops are assigned to ticks (an op runs in the first tick
-  after its inputs were produced and after its rank's previous op); every tick lasts as long as
-  its slowest op plus a fixed tick overhead (the unconditional ppermutes).
+- "lockstep": the dip_jax executor. Each tick, a rank runs at most one forward and one
+  backward op (one send in each direction); an op runs in the first tick after its inputs were
+  produced, not before its rank's previous op, and shares that op's tick only if it is of the
+  other kind. A tick lasts as long as its busiest rank (sum of its ops) plus a fixed tick
+  overhead (the unconditional ppermutes).
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Callable
 
-from dip_jax.plan.schedule import B, F, Op, Plan, ScheduleError, order_topological
+from dip_jax.plan.schedule import Op, Plan, ScheduleError
 
 
 @dataclasses.dataclass
@@ -58,63 +60,110 @@ class Timeline:
         return 1 + max(self.tick.values(), default=-1)
 
 
-def simulate(plan: Plan, costs: Costs, mode: str = "lockstep") -> Timeline:
+def topological(ix, order: list[list[int]]) -> list[int]:
+    """Op ids in an order that runs every rank's list in order; raises on deadlock."""
+    heads = [0] * ix.P
+    done = [False] * ix.n
+    out: list[int] = []
+    preds = ix.preds
+    progress = True
+    while progress:
+        progress = False
+        for r, ops in enumerate(order):
+            h = heads[r]
+            while h < len(ops) and all(done[p] for p in preds[ops[h]]):
+                done[ops[h]] = True
+                out.append(ops[h])
+                h += 1
+                progress = True
+            heads[r] = h
+    if len(out) != sum(len(o) for o in order):
+        stuck = [str(ix.ops[ops[heads[r]]]) for r, ops in enumerate(order) if heads[r] < len(ops)]
+        raise ScheduleError("deadlock", f"ranks wait on each other forever at {', '.join(stuck)}")
+    return out
+
+
+def run(ix, order: list[list[int]], mode: str):
+    """Returns (start, end, tick or None, iteration seconds), lists indexed by op id."""
     if mode not in ("async", "lockstep"):
         raise ValueError(f"unknown simulation mode {mode!r}")
-    g = plan.graph
-    topo = order_topological(plan)                 # raises on deadlock
-    lat = {op: costs.latency(op) for op in topo}
-    prev: dict[Op, Op] = {}
-    for ops in plan.order:
+    n, lat, preds, rank = ix.n, ix.lat, ix.preds, ix.rank
+    prev = [-1] * n
+    for ops in order:
         for a, b in zip(ops, ops[1:]):
             prev[b] = a
-    start, end, tick = {}, {}, {}
+    topo = topological(ix, order)
+    start, end = [0.0] * n, [0.0] * n
     if mode == "async":
-        for op in topo:
-            r = g.rank(op)
-            t = end[prev[op]] if op in prev else 0.0
-            for p in g.preds(op):
-                t = max(t, end[p] + (costs.p2p(p) if g.rank(p) != r else 0.0))
-            start[op], end[op] = t, t + lat[op]
-        total = max(end.values(), default=0.0)
-    else:
-        for op in topo:
-            t = tick[prev[op]] + 1 if op in prev else 0
-            for p in g.preds(op):
-                t = max(t, tick[p] + 1)
-            tick[op] = t
-        n = 1 + max(tick.values(), default=-1)
-        length = [0.0] * n
-        for op, t in tick.items():
-            length[t] = max(length[t], lat[op])
-        begin, acc = [], 0.0
-        for L in length:
-            begin.append(acc)
-            acc += L + costs.tick_overhead
-        for op, t in tick.items():
-            start[op], end[op] = begin[t], begin[t] + lat[op]
-        total = acc
-    busy = [sum(lat[o] for o in ops) for ops in plan.order]
-    peaks, curves = _memory(plan, costs, start, end)
-    return Timeline(mode, start, end, tick, total, busy, peaks, curves)
+        p2p = ix.p2p
+        for i in topo:
+            r = rank[i]
+            t = end[prev[i]] if prev[i] >= 0 else 0.0
+            for p in preds[i]:
+                v = end[p] + (p2p[p] if rank[p] != r else 0.0)
+                if v > t:
+                    t = v
+            start[i], end[i] = t, t + lat[i]
+        return start, end, None, max((end[i] for i in topo), default=0.0)
+    tick = [0] * n
+    used = set()
+    is_b = ix.is_b
+    for i in topo:
+        p = prev[i]
+        t = 0 if p < 0 else (tick[p] if is_b[p] != is_b[i] else tick[p] + 1)
+        for q in preds[i]:
+            if tick[q] + 1 > t:
+                t = tick[q] + 1
+        r, k = rank[i], is_b[i]
+        while (r, t, k) in used:
+            t += 1
+        used.add((r, t, k))
+        tick[i] = t
+    n_ticks = 1 + max((tick[i] for i in topo), default=-1)
+    load = [[0.0] * ix.P for _ in range(n_ticks)]
+    for i in topo:
+        load[tick[i]][rank[i]] += lat[i]
+    begin, acc = [], 0.0
+    for row in load:
+        begin.append(acc)
+        acc += max(row) + ix.tick_overhead
+    for i in topo:                                 # forwards run first within a tick
+        s = begin[tick[i]]
+        if is_b[i]:
+            s += load[tick[i]][rank[i]] - lat[i]
+        start[i], end[i] = s, s + lat[i]
+    return start, end, tick, acc
 
 
-def _memory(plan: Plan, costs: Costs, start, end):
-    g = plan.graph
+def iteration_seconds(ix, order: list[list[int]], mode: str = "lockstep") -> float:
+    return run(ix, order, mode)[3]
+
+
+def simulate(plan: Plan, costs: Costs, mode: str = "lockstep", ix=None) -> Timeline:
+    from dip_jax.plan.indexed import Indexed
+    ix = ix or Indexed(plan.graph, costs)
+    order = ix.order_ids(plan)
+    start, end, tick, total = run(ix, order, mode)
+    busy = [sum(ix.lat[i] for i in ops) for ops in order]
+    peaks, curves = _memory(ix, order, start, end)
+    ops = ix.ops
+    used = [i for r in order for i in r]
+    return Timeline(mode, {ops[i]: start[i] for i in used}, {ops[i]: end[i] for i in used},
+                    {ops[i]: tick[i] for i in used} if tick is not None else {}, total, busy, peaks, curves)
+
+
+def _memory(ix, order, start, end):
     peaks, curves = [], []
-    for r, ops in enumerate(plan.order):
+    for r, ops in enumerate(order):
         events = []
-        for op in ops:
-            if op.kind == F:
-                kept = costs.stored(op) if g.module(op.module).backward else 0.0
-                events.append((start[op], 1, kept))
-                if kept:
-                    events.append((end[Op(B, op.module, op.chunk, op.mb, op.sub)], 0, -kept))
+        for i in ops:
+            if not ix.is_b[i]:
+                if ix.stored[i]:
+                    events.append((start[i], 1, ix.stored[i]))
             else:
-                w = costs.working(op)
-                events += [(start[op], 1, w), (end[op], 0, -w)]
+                events += [(start[i], 1, ix.working[i]), (end[i], 0, -ix.working[i] - ix.stored[ix.pair[i]])]
         events.sort()
-        base = costs.static(r)
+        base = ix.static[r]
         cur, peak, curve = base, base, [(0.0, base)]
         for t, _, delta in events:
             cur += delta
