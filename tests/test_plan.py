@@ -184,3 +184,16 @@ def test_plan_cli_reads_metadata_file(root, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "dip_jax.plan", "--config", "configs/tiny_cpu.py", "--schedulers",
                           "dip,zigzag"], cwd=root, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "zigzag" in bad.stderr
+
+
+def test_parallel_search_is_deterministic_and_no_worse_than_one_worker():
+    from dip_jax.plan.search import parallel_search
+    g = Graph(4, (ModuleChunks("vision", 8, (2,) * 8, True, 2), ModuleChunks("llm", 4, (4,) * 4, True, 1)),
+              tuple((i % 4, 1) for i in range(8)))
+    costs = random_costs(g, 4)
+    one, s1 = parallel_search(g, costs, 1, rollouts=6, seed=3)
+    a, sa = parallel_search(g, costs, 2, rollouts=6, seed=3)
+    b, sb = parallel_search(g, costs, 2, rollouts=6, seed=3)
+    assert a.order == b.order and sa.rollouts == 12
+    assert sa.best_seconds <= s1.best_seconds
+    validate(a)

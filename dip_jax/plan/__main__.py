@@ -25,6 +25,7 @@ def _args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", type=float, default=1.0, help="DIP search seconds per batch")
     p.add_argument("--rollouts", type=int, default=None, help="fixed rollout count (deterministic) instead of --budget")
+    p.add_argument("--workers", type=int, default=1, help="search processes per batch (parallel rollouts)")
     p.add_argument("--out", default=None)
     p.add_argument("--hardware", default=None, help="profile name or JSON path (default: the config's)")
     args, rest = p.parse_known_args(argv)
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
         recs = []
         for i, mbs in enumerate(batches):
             res = ctx.plan(mbs, name, runtime=False, budget_seconds=args.budget, rollouts=args.rollouts,
-                           seed=args.seed + i)
+                           seed=args.seed + i, workers=args.workers)
             recs.append(res.record())
             if i == 0:
                 write_png(res.plan, res.lockstep, out / f"timeline_{name}.png", f"{cfg.model.name} {name}")

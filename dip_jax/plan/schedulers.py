@@ -19,7 +19,7 @@ from dip_jax.plan.cost import CostModel
 from dip_jax.plan.partition import (ModalityPartition, backward_modules, dip_partition, megatron_partition,
                                     static_best_partition)
 from dip_jax.plan.schedule import Plan, validate
-from dip_jax.plan.search import search
+from dip_jax.plan.search import parallel_search
 from dip_jax.plan.simulate import Costs, Timeline, simulate
 from dip_jax.plan.workload import Workload, workload_from_metadata
 
@@ -76,7 +76,8 @@ class PlanContext:
         return self._static[scheduler]
 
     def plan(self, microbatches: Sequence[Sequence[SampleMeta]], scheduler: str = "dip", runtime: bool = True,
-             budget_seconds: float = 1.0, rollouts: int | None = None, seed: int = 0) -> PlanResult:
+             budget_seconds: float = 1.0, rollouts: int | None = None, seed: int = 0,
+             workers: int = 1) -> PlanResult:
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         t0 = time.perf_counter()
@@ -86,7 +87,7 @@ class PlanContext:
             graph = self.partition.graph(work)
             costs = self.partition.costs(self.cost, self.cfg.model)
             if scheduler == "dip":
-                plan, stats = search(graph, costs, budget_seconds, rollouts, seed, self.memory_cap)
+                plan, stats = parallel_search(graph, costs, workers, budget_seconds, rollouts, seed, self.memory_cap)
                 n_rollouts = stats.rollouts
             else:
                 plan = schedule_baseline(scheduler, graph, costs)

@@ -157,3 +157,34 @@ def search(graph: Graph, costs: Costs, budget_seconds: float = 1.0, rollouts: in
     stats.seconds = time.perf_counter() - t0
     stats.best_seconds = best_t
     return ix.plan(best_order, "dip"), stats
+
+
+_SHARED: tuple | None = None      # (graph, costs, budget, rollouts, memory_cap) for forked workers
+
+
+def _worker(seed: int):
+    graph, costs, budget, rollouts, cap = _SHARED
+    plan, stats = search(graph, costs, budget, rollouts, seed, cap)
+    return plan.order, stats
+
+
+def parallel_search(graph: Graph, costs: Costs, workers: int, budget_seconds: float = 1.0,
+                    rollouts: int | None = None, seed: int = 0, memory_cap: float | None = None
+                    ) -> tuple[Plan, SearchStats]:
+    """Independent searches with seeds seed..seed+workers-1 in forked processes; the best wins
+    (ties: the lowest seed), so the result is deterministic for a rollout budget."""
+    if workers <= 1:
+        return search(graph, costs, budget_seconds, rollouts, seed, memory_cap)
+    import multiprocessing as mp
+    global _SHARED
+    t0 = time.perf_counter()
+    _SHARED = (graph, costs, budget_seconds, rollouts, memory_cap)
+    try:
+        with mp.get_context("fork").Pool(workers) as pool:
+            results = pool.map(_worker, [seed + k for k in range(workers)])
+    finally:
+        _SHARED = None
+    order, best = min(results, key=lambda r: r[1].best_seconds)
+    stats = SearchStats(rollouts=sum(s.rollouts for _, s in results), seconds=time.perf_counter() - t0,
+                        default_seconds=best.default_seconds, best_seconds=best.best_seconds)
+    return Plan(graph, order, "dip"), stats
