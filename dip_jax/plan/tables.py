@@ -1,0 +1,240 @@
+"""Plan -> the int32 tick table the executor runs (pure Python + numpy).
+
+Ticks come from the lock-step simulation (at most one forward and one backward op per rank per
+tick, inputs produced in an earlier tick). Buffer slots come from interval colouring: a stash
+slot holds a chunk's input from the end of the tick it arrives in until the backward that
+reads it; a cotangent slot holds an arriving cotangent until its backward; boundary slots hold a
+microbatch's encoder outputs (rank 0, until the llm's first-chunk backward), the llm's
+cotangents for them (rank P-1), the llm states the dit conditions on (rank 0) and the dit's
+accumulated cotangent for them (rank P-1). Every channel delivers something every tick; what is
+not due lands in the trash slot (the last one). Validation here is the only bounds check: the
+device code clamps indices silently.
+"""
+from __future__ import annotations
+
+import dataclasses
+import heapq
+
+import numpy as np
+
+from dip_jax.plan.indexed import Indexed
+from dip_jax.plan.schedule import B, ENCODERS, F, Graph, Op, Plan, validate
+from dip_jax.plan.simulate import Costs, run
+
+# columns of ops[t, rank, :]
+(F_ON, F_MOD, F_V, F_MB, F_SUB, F_IN, F_AUX,
+ B_ON, B_MOD, B_V, B_MB, B_SUB, B_IN, B_COT, B_AUX, B_FIRST) = range(16)
+OP_FIELDS = 16
+
+
+def bucket(n: int, minimum: int = 2) -> int:
+    """Next power of two >= n (>= minimum): the few sizes compiled programs are keyed by."""
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """Static shapes of a table: equal signature = same compiled program."""
+    P: int
+    modules: tuple[str, ...]
+    chunks_per_rank: tuple[int, ...]
+    units: tuple[int, ...]
+    backward: tuple[bool, ...]
+    stash_slots: tuple[int, ...]
+    cot_slots: tuple[int, ...]
+    boundary_slots: int          # encoder outputs and their cotangents, per microbatch
+    cond_slots: int              # llm states for the dit and their cotangents, per microbatch
+    t_max: int
+
+    def recv_columns(self) -> dict[str, int]:
+        """Column of each receive address in recv[t, rank, :]."""
+        cols = {}
+        for m in self.modules:
+            cols[f"f:{m}"] = len(cols)
+            cols[f"b:{m}"] = len(cols)
+        for e in self.encoders:
+            cols[f"bnd:{e}"] = len(cols)
+            cols[f"bnd_sub:{e}"] = len(cols)
+            cols[f"bcot:{e}"] = len(cols)
+        if "dit" in self.modules:
+            cols["cond"] = len(cols)
+            cols["hcot"] = len(cols)
+        return cols
+
+    @property
+    def encoders(self) -> tuple[str, ...]:
+        return tuple(m for m in self.modules if m in ENCODERS)
+
+
+@dataclasses.dataclass
+class Table:
+    ops: np.ndarray            # int32 [T_max, P, OP_FIELDS]
+    recv: np.ndarray           # int32 [T_max, P, len(signature.recv_columns())]
+    n_ticks: int
+    signature: Signature
+
+
+def colour(intervals):
+    """[(start, end, key)] -> ({key: slot}, slots used). A slot read at tick t can take an
+    arrival written at the end of tick t."""
+    free, busy, slot, n = [], [], {}, 0
+    for start, end, key in sorted(intervals, key=lambda x: (x[0], x[1], str(x[2]))):
+        while busy and busy[0][0] <= start:
+            heapq.heappush(free, heapq.heappop(busy)[1])
+        s = heapq.heappop(free) if free else n
+        n = max(n, s + 1)
+        slot[key] = s
+        heapq.heappush(busy, (end, s))
+    return slot, n
+
+
+def ticks_of(plan: Plan) -> dict[Op, int]:
+    g = plan.graph
+    ix = Indexed(g, Costs(latency=lambda op: 1.0))
+    _, _, tick, _ = run(ix, ix.order_ids(plan), "lockstep")
+    return {ix.ops[i]: tick[i] for i in range(ix.n)}
+
+
+def needs(plan: Plan) -> dict:
+    """Slots and ticks a plan needs (to choose buckets for a set of plans)."""
+    return _allocate(plan, ticks_of(plan))[-1]
+
+
+def _allocate(plan: Plan, tick: dict[Op, int]):
+    g = plan.graph
+    P = g.P
+    mods = [m.name for m in g.modules]
+    stash, cot = {}, {}
+    for m in g.modules:
+        for r in range(P):
+            s_iv, c_iv = [], []
+            for op, t in tick.items():
+                if op.module != m.name or g.rank(op) != r:
+                    continue
+                if op.kind == F and op.chunk > 0:
+                    read = tick.get(Op(B, op.module, op.chunk, op.mb, op.sub), t) if m.backward else t
+                    s_iv.append((tick[Op(F, op.module, op.chunk - 1, op.mb, op.sub)], read, op))
+                if op.kind == B and op.chunk < m.chunks - 1:
+                    c_iv.append((tick[Op(B, op.module, op.chunk + 1, op.mb, op.sub)], t, op))
+            stash[(m.name, r)] = colour(s_iv)
+            cot[(m.name, r)] = colour(c_iv)
+    has = set(mods)
+    enc = [e for e in mods if e in ENCODERS]
+    bnd_iv, bcot_iv, cond_iv, hcot_iv = [], [], [], []
+    if "llm" in has:
+        llm = g.module("llm")
+        last_llm = llm.chunks - 1
+        for mb in range(g.microbatches):
+            outs = [tick[Op(F, e, g.module(e).chunks - 1, mb, u)] for e in enc for u in range(g.n_subs(e, mb))]
+            if outs:
+                use = tick[Op(B, "llm", 0, mb)] if llm.backward else tick[Op(F, "llm", 0, mb)]
+                bnd_iv.append((min(outs), use, mb))
+                reads = [tick[Op(B, e, g.module(e).chunks - 1, mb, u)] for e in enc if g.module(e).backward
+                         for u in range(g.n_subs(e, mb))]
+                if reads and llm.backward:
+                    bcot_iv.append((tick[Op(B, "llm", 0, mb)], max(reads), mb))
+            if "dit" in has and g.n_subs("dit", mb):
+                dit = g.module("dit")
+                subs = range(g.n_subs("dit", mb))
+                uses = [tick[Op(B if dit.backward else F, "dit", 0, mb, u)] for u in subs]
+                cond_iv.append((tick[Op(F, "llm", last_llm, mb)], max(uses), mb))
+                if dit.backward and llm.backward:
+                    hcot_iv.append((max(uses), tick[Op(B, "llm", last_llm, mb)], mb))
+    bnd, bcot = colour(bnd_iv), colour(bcot_iv)
+    cond, hcot = colour(cond_iv), colour(hcot_iv)
+    need = {"stash": {m: max(stash[(m, r)][1] for r in range(P)) for m in mods},
+            "cot": {m: max(cot[(m, r)][1] for r in range(P)) for m in mods},
+            "boundary": max(bnd[1], bcot[1]), "cond": max(cond[1], hcot[1]),
+            "ticks": 1 + max(tick.values(), default=-1)}
+    return stash, cot, bnd[0], bcot[0], cond[0], hcot[0], need
+
+
+def lower(plan: Plan, buckets: dict | None = None) -> Table:
+    """Lower a plan. `buckets` (keys stash/cot: {module: n}, boundary, cond, t_max) fixes the
+    static sizes; by default each is the next power of two of what the plan needs."""
+    validate(plan)
+    g = plan.graph
+    P = g.P
+    tick = ticks_of(plan)
+    stash, cot, bnd, bcot, cond, hcot, need = _allocate(plan, tick)
+    mods = tuple(m.name for m in g.modules)
+    b = buckets or {}
+    sb = tuple(b.get("stash", {}).get(m, bucket(need["stash"][m])) for m in mods)
+    cb = tuple(b.get("cot", {}).get(m, bucket(need["cot"][m])) for m in mods)
+    nb = b.get("boundary", bucket(need["boundary"]))
+    nc = b.get("cond", bucket(need["cond"]))
+    T = b.get("t_max", bucket(need["ticks"], 8))
+    for what, have, want in [*((f"stash slots of {m}", h, need["stash"][m]) for m, h in zip(mods, sb)),
+                             *((f"cotangent slots of {m}", h, need["cot"][m]) for m, h in zip(mods, cb)),
+                             ("boundary slots", nb, need["boundary"]), ("cond slots", nc, need["cond"]),
+                             ("ticks", T, need["ticks"])]:
+        if have < want:
+            raise ValueError(f"table: the plan needs {want} {what}, the bucket holds {have}")
+    sig = Signature(P, mods, tuple(m.chunks // P for m in g.modules), tuple(m.unit for m in g.modules),
+                    tuple(m.backward for m in g.modules), sb, cb, nb, nc, T)
+    cols = sig.recv_columns()
+    k_of = {m: i for i, m in enumerate(mods)}
+    ops = np.zeros((T, P, OP_FIELDS), np.int32)
+    recv = np.zeros((T, P, len(cols)), np.int32)
+    for m, k in k_of.items():
+        recv[:, :, cols[f"f:{m}"]] = sb[k]
+        recv[:, :, cols[f"b:{m}"]] = cb[k]
+    for e in sig.encoders:
+        recv[:, :, cols[f"bnd:{e}"]] = nb
+        recv[:, :, cols[f"bcot:{e}"]] = nb
+    if "dit" in mods:
+        recv[:, :, cols["cond"]] = nc
+        recv[:, :, cols["hcot"]] = nc
+    first_dit_b = {}
+    if "dit" in mods:
+        for mb in range(g.microbatches):
+            subs = [Op(B, "dit", 0, mb, u) for u in range(g.n_subs("dit", mb))]
+            if subs and g.module("dit").backward:
+                first_dit_b[mb] = min(subs, key=lambda o: tick[o])
+    last_dit_b = {}
+    if "dit" in mods and g.module("dit").backward:
+        for mb in range(g.microbatches):
+            subs = [Op(B, "dit", 0, mb, u) for u in range(g.n_subs("dit", mb))]
+            if subs:
+                last_dit_b[mb] = max(subs, key=lambda o: tick[o])
+    for op, t in tick.items():
+        r, k, m = g.rank(op), k_of[op.module], g.module(op.module)
+        v = op.chunk // P
+        first, last = op.chunk == 0, op.chunk == m.chunks - 1
+        s_slot = stash[(op.module, r)][0].get(Op(F, op.module, op.chunk, op.mb, op.sub), sb[k])
+        aux = 0
+        if op.module == "llm" and first:
+            aux = bnd.get(op.mb, nb)
+        elif op.module == "llm" and last and op.kind == B:
+            aux = hcot.get(op.mb, nc)
+        elif op.module == "dit" and first:
+            aux = cond[op.mb]
+        elif op.module in ENCODERS and last and op.kind == B:
+            aux = bcot[op.mb]
+        if op.kind == F:
+            ops[t, r, F_ON:F_AUX + 1] = (1, k, v, op.mb, op.sub, s_slot, aux)
+            if not last:
+                recv[t, (r + 1) % P, cols[f"f:{op.module}"]] = stash[(op.module, (r + 1) % P)][0][
+                    Op(F, op.module, op.chunk + 1, op.mb, op.sub)]
+            elif op.module in ENCODERS:
+                recv[t, (r + 1) % P, cols[f"bnd:{op.module}"]] = bnd[op.mb]
+                recv[t, (r + 1) % P, cols[f"bnd_sub:{op.module}"]] = op.sub
+            elif op.module == "llm" and op.mb in cond:
+                recv[t, (r + 1) % P, cols["cond"]] = cond[op.mb]
+        else:
+            c_slot = cot[(op.module, r)][0].get(op, cb[k])
+            ops[t, r, B_ON:B_FIRST + 1] = (1, k, v, op.mb, op.sub, s_slot, c_slot, aux,
+                                           int(first_dit_b.get(op.mb) == op))
+            if not first:
+                recv[t, (r - 1) % P, cols[f"b:{op.module}"]] = cot[(op.module, (r - 1) % P)][0][
+                    Op(B, op.module, op.chunk - 1, op.mb, op.sub)]
+            elif op.module == "llm":
+                for e in sig.encoders:
+                    if op.mb in bcot and g.module(e).backward:
+                        recv[t, (r - 1) % P, cols[f"bcot:{e}"]] = bcot[op.mb]
+            elif op.module == "dit" and last_dit_b.get(op.mb) == op and op.mb in hcot:
+                recv[t, (r - 1) % P, cols["hcot"]] = hcot[op.mb]
+    return Table(ops, recv, need["ticks"], sig)

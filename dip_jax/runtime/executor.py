@@ -1,0 +1,234 @@
+"""The generic table-driven pipeline step: one compiled shard_map program runs any plan.
+
+Per rank: a fori_loop over the traced `n_ticks`; each tick, for every module, one predicated
+while_loop (trip count 0 or 1) for a forward and one for a backward op (the table turns on at
+most one of each), then unconditional ppermutes to rank+1 (activations, encoder outputs, llm
+states) and rank-1 (cotangents), wrapping around, written into table-addressed slots (a trash
+slot when nothing is due). Backward recomputes its chunk under jax.vjp. Indexing is
+dynamic_index / dynamic_update_index only. Data-parallel replicas run their own tables;
+gradients are reduced once, after the loop. The runtime holds no scheduling logic.
+
+Boundaries: an encoder's last chunk (rank P-1) sends its projected output to rank 0, where the
+llm's first chunk merges all of a microbatch's encoder outputs into the token sequence; the
+llm's first-chunk backward sends one padded cotangent payload back, from which each encoder
+sub-microbatch's backward reads its slice. The llm's last chunk sends its final states to rank
+0 for the dit, whose first-chunk backwards accumulate the cotangent of those states; the last
+one sends it to the llm's last-chunk backward.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from dip_jax.models.lmm import flow_loss_sum, flow_targets, lm_loss_sum
+from dip_jax.plan import tables as T
+
+row = lambda a, i: lax.dynamic_index_in_dim(a, i, 0, keepdims=False)
+put = lambda a, i, x: lax.dynamic_update_index_in_dim(a, x, i, 0)
+take = lambda tree, i: jax.tree.map(lambda a: row(a, i), tree)
+zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+ENCODER_INPUT = {"vision": ("images", "image_pos"), "audio": ("audio", "audio_pos")}
+
+
+def _sub(a, sub, unit):
+    """Rows sub*unit .. sub*unit+unit-1 of a [items, ...] array."""
+    return lax.dynamic_slice_in_dim(a, sub * unit, unit, axis=0)
+
+
+def _where(c, a, b):
+    return jax.tree.map(lambda x, y: jnp.where(c, x, y), a, b)
+
+
+def build_step(spec, sig: T.Signature, mesh):
+    """spec: runtime.pipeline.ExecSpec (module graphdefs, shapes). Returns the jitted step
+
+    step(stacks, masks, edges, batch, ops, recv, n_ticks) -> (loss, grad_stacks, grad_edges)
+    """
+    Pn = sig.P
+    mods = sig.modules
+    kid = {m: i for i, m in enumerate(mods)}
+    cols = sig.recv_columns()
+    bwd = dict(zip(mods, sig.backward))
+    unit = dict(zip(mods, sig.units))
+    n_chunks = {m: Pn * k for m, k in zip(mods, sig.chunks_per_rank)}
+    slots = {m: (s, c) for m, s, c in zip(mods, sig.stash_slots, sig.cot_slots)}
+    nb, nc = sig.boundary_slots, sig.cond_slots
+    encoders = sig.encoders
+    has_dit = "dit" in mods
+    fwd_perm = [(i, (i + 1) % Pn) for i in range(Pn)]
+    bwd_perm = [(i, (i - 1) % Pn) for i in range(Pn)]
+    D = spec.llm_dim
+
+    def module_of(m, layer_p, edge):
+        return nnx.merge(spec.graphdef[m], nnx.State({"blocks": layer_p}), edge)
+
+    def blocks(m, layer_p, layer_mask, module, carry, ctx):
+        block_def = spec.block_def[m]
+
+        def body(c, lp):
+            p, keep = lp
+            return _where(keep, module.step(nnx.merge(block_def, p), c, ctx), c), None
+        return lax.scan(body, carry, (layer_p, layer_mask))[0]
+
+    def chunk(m, layer_p, layer_mask, edge, x_stash, ext, first, last, batch, mb, sub):
+        """One op's forward: (embed if first) -> masked layers -> (head / loss if last).
+        Returns (carry out, boundary out, loss)."""
+        module = module_of(m, layer_p, edge)
+        u = unit[m]
+        if m in encoders:
+            raw = _sub(row(batch[ENCODER_INPUT[m][0]], mb), sub, u)
+            x = _where(first, module.embed(raw), x_stash)
+            y = blocks(m, layer_p, layer_mask, module, x, None)
+            out = lax.cond(last, module.head, lambda y: jnp.zeros(spec.boundary_shape[m], jnp.float32), y)
+            return y, out, jnp.zeros((), jnp.float32)
+        if m == "llm":
+            inputs = {k: row(batch[k], mb)[None] for k in ("tokens", "segment_ids", "positions")}
+            inputs["merges"] = tuple((ext[e].reshape(1, -1, D), row(batch[ENCODER_INPUT[e][1]], mb)[None])
+                                     for e in encoders)
+            x = _where(first, module.embed(inputs), x_stash)
+            y = blocks(m, layer_p, layer_mask, module, x, module.context(inputs))
+
+            def head(y):
+                hidden, logits = module.head(y)
+                loss = lm_loss_sum(logits[0], row(batch["targets"], mb), row(batch["loss_mask"], mb))
+                return hidden, loss / batch["n_tokens"]
+            hidden, loss = lax.cond(last, head, lambda y: (jnp.zeros_like(y), jnp.zeros((), jnp.float32)), y)
+            return y, hidden, loss
+        # dit
+        sl = lambda k: _sub(row(batch[k], mb), sub, u)
+        x_t, target = flow_targets(sl("latents"), sl("noise"), sl("t"))
+        inputs = {"x_t": x_t, "t": sl("t"), "cond": ext, "cond_mask": sl("cond_mask")}
+        x = _where(first, module.embed(inputs), x_stash)
+        y = blocks(m, layer_p, layer_mask, module, x, module.context(inputs))
+        loss = lax.cond(last, lambda y: flow_loss_sum(module.head(y), target, sl("video_valid")) / batch["n_clips"]
+                        * spec.dit_loss_weight, lambda y: jnp.zeros((), jnp.float32), y)
+        return y, jnp.zeros((), jnp.float32), loss
+
+    def external(m, bufs, aux, batch, mb, sub):
+        """Differentiable inputs a first chunk reads from boundary buffers."""
+        if m == "llm":
+            return {e: row(bufs["bnd"][e], aux) for e in encoders}
+        if m == "dit":
+            idx = _sub(row(batch["cond_idx"], mb), sub, unit["dit"])
+            return row(bufs["cond"], aux)[idx]
+        return None
+
+    def per_rank(stacks, masks, edges, batch, ops, recv, n_ticks):
+        stacks = {m: jax.tree.map(lambda a: a[0], s) for m, s in stacks.items()}
+        masks = {m: a[0] for m, a in masks.items()}
+        batch = jax.tree.map(lambda a: a[0], batch)
+        ops, recv = ops[0, :, 0], recv[0, :, 0]
+        me = lax.axis_index("pipe")
+        act = {m: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec.carry[m]) for m in mods}
+        buf = lambda tree, n: jax.tree.map(lambda a: jnp.zeros((n + 1, *a.shape), a.dtype), tree)
+        bufs = {"stash": {m: buf(act[m], slots[m][0]) for m in mods},
+                "cot": {m: buf(act[m], slots[m][1]) for m in mods if bwd[m]},
+                "bnd": {e: jnp.zeros((nb + 1, *spec.bnd_shape[e]), jnp.float32) for e in encoders},
+                "bcot": {e: jnp.zeros((nb + 1, *spec.bnd_shape[e]), jnp.float32) for e in encoders if bwd[e]}}
+        if has_dit:
+            S = batch["tokens"].shape[-1]
+            for k in ("cond", "hcot", "hacc"):
+                bufs[k] = jnp.zeros((nc + 1, S, D), jnp.float32)
+        grads = {"stacks": {m: zeros(stacks[m]) for m in mods if bwd[m]},
+                 "edges": {m: zeros(edges[m]) for m in mods if bwd[m]}}
+
+        def position(v, m):
+            c = v * Pn + me
+            return c == 0, c == n_chunks[m] - 1
+
+        def tick(t, carry):
+            bufs, grads, loss = carry
+            op, rc = row(ops, t), row(recv, t)
+            f_out, b_out = {}, {}
+            for m in mods:
+                def fwd(c, m=m):
+                    go, _, _, loss = c
+                    v, mb, sub, aux = op[T.F_V], op[T.F_MB], op[T.F_SUB], op[T.F_AUX]
+                    first, last = position(v, m)
+                    y, out, l = chunk(m, take(stacks[m], v), row(masks[m], v), edges[m],
+                                      take(bufs["stash"][m], op[T.F_IN]), external(m, bufs, aux, batch, mb, sub),
+                                      first, last, batch, mb, sub)
+                    return go & False, y, out, loss + l
+                out0 = (jnp.zeros(spec.boundary_shape[m], jnp.float32) if m in encoders else
+                        act["llm"] if m == "llm" else jnp.zeros((), jnp.float32))
+                go = (op[T.F_ON] == 1) & (op[T.F_MOD] == kid[m])
+                _, y, out, loss = lax.while_loop(lambda c: c[0], fwd, (go, act[m], out0, loss))
+                f_out[m] = (y, out)
+            for m in mods:
+                if not bwd[m]:
+                    continue
+
+                def bwd_body(c, m=m):
+                    go, _, _, bufs, grads = c
+                    v, mb, sub, aux = op[T.B_V], op[T.B_MB], op[T.B_SUB], op[T.B_AUX]
+                    first, last = position(v, m)
+                    ext = external(m, bufs, aux, batch, mb, sub)
+                    f = lambda lp, e, x, ex: chunk(m, lp, row(masks[m], v), e, x, ex, first, last, batch, mb, sub)
+                    (y, out, _), pull = jax.vjp(f, take(stacks[m], v), edges[m], take(bufs["stash"][m], op[T.B_IN]), ext)
+                    ct_y = _where(last, zeros(y), take(bufs["cot"][m], op[T.B_COT]))
+                    if m in encoders:
+                        ct_out = jnp.where(last, row(row(bufs["bcot"][m], aux), sub), 0.0)
+                    elif m == "llm" and has_dit:
+                        ct_out = jnp.where(last, row(bufs["hcot"], aux)[None], 0.0)
+                    else:
+                        ct_out = jnp.zeros_like(out)
+                    g_lp, g_e, g_x, g_ext = pull((ct_y, ct_out, jnp.where(last, 1.0, 0.0).astype(jnp.float32)))
+                    grads = {"stacks": {**grads["stacks"], m: jax.tree.map(lambda G, g: put(G, v, row(G, v) + g),
+                                                                           grads["stacks"][m], g_lp)},
+                             "edges": {**grads["edges"], m: jax.tree.map(jnp.add, grads["edges"][m], g_e)}}
+                    payload = g_ext if m == "llm" else jnp.zeros((), jnp.float32)
+                    if m == "dit":
+                        idx = _sub(row(batch["cond_idx"], mb), sub, unit["dit"])
+                        acc = jnp.where(op[T.B_FIRST] == 1, 0.0, row(bufs["hacc"], aux)).at[idx].add(g_ext)
+                        bufs = {**bufs, "hacc": put(bufs["hacc"], aux, jnp.where(first, acc, row(bufs["hacc"], aux)))}
+                        payload = acc
+                    return go & False, g_x, payload, bufs, grads
+
+                pay0 = ({e: jnp.zeros(spec.bnd_shape[e], jnp.float32) for e in encoders} if m == "llm" else
+                        bufs["hacc"][0] if m == "dit" else jnp.zeros((), jnp.float32))
+                if m == "llm" and not encoders:
+                    pay0 = {}
+                go = (op[T.B_ON] == 1) & (op[T.B_MOD] == kid[m])
+                _, gx, payload, bufs, grads = lax.while_loop(lambda c: c[0], bwd_body, (go, act[m], pay0, bufs, grads))
+                b_out[m] = (gx, payload)
+            # communication: unconditional, every tick
+            new = dict(bufs)
+            up = lambda x: lax.ppermute(x, "pipe", fwd_perm)
+            down = lambda x: lax.ppermute(x, "pipe", bwd_perm)
+            stash, cot = dict(bufs["stash"]), dict(bufs.get("cot", {}))
+            for m in mods:
+                stash[m] = jax.tree.map(lambda B_, y: put(B_, rc[cols[f"f:{m}"]], y), stash[m],
+                                        jax.tree.map(up, f_out[m][0]))
+                if bwd[m]:
+                    cot[m] = jax.tree.map(lambda B_, g: put(B_, rc[cols[f"b:{m}"]], g), cot[m],
+                                          jax.tree.map(down, b_out[m][0]))
+            new["stash"], new["cot"] = stash, cot
+            bnd, bcot = dict(bufs["bnd"]), dict(bufs["bcot"])
+            for e in encoders:
+                val, s, u = up(f_out[e][1]), rc[cols[f"bnd:{e}"]], rc[cols[f"bnd_sub:{e}"]]
+                bnd[e] = put(bnd[e], s, put(row(bnd[e], s), u, val))
+                if bwd[e] and bwd["llm"]:
+                    bcot[e] = put(bcot[e], rc[cols[f"bcot:{e}"]], down(b_out["llm"][1][e]))
+            new["bnd"], new["bcot"] = bnd, bcot
+            if has_dit:
+                new["cond"] = put(bufs["cond"], rc[cols["cond"]], up(f_out["llm"][1])[0])
+                if bwd["dit"]:
+                    new["hcot"] = put(bufs["hcot"], rc[cols["hcot"]], down(b_out["dit"][1]))
+            return new, grads, loss
+
+        bufs, grads, loss = lax.fori_loop(0, n_ticks, tick, (bufs, grads, jnp.zeros((), jnp.float32)))
+        loss = lax.psum(loss, ("pipe", "data"))
+        g_stacks = {m: jax.tree.map(lambda g: lax.psum(g, "data")[None], s) for m, s in grads["stacks"].items()}
+        g_edges = {m: jax.tree.map(lambda g: lax.psum(g, ("pipe", "data")), e) for m, e in grads["edges"].items()}
+        return loss, g_stacks, g_edges
+
+    table_spec = P("data", None, "pipe")
+    fn = jax.shard_map(per_rank, mesh=mesh, check_vma=False,
+                       in_specs=(P("pipe"), P("pipe"), P(), P("data"), table_spec, table_spec, P()),
+                       out_specs=(P(), P("pipe"), P()))
+    return jax.jit(fn)
