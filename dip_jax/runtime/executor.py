@@ -145,13 +145,18 @@ def build_step(spec, sig: T.Signature, mesh):
             bufs, grads, loss = carry
             op, rc = row(ops, t), row(recv, t)
             f_out, b_out = {}, {}
+            grads = {"stacks": dict(grads["stacks"]), "edges": dict(grads["edges"])}
+            # Every buffer read happens here, outside the predicated bodies: a body that reads a
+            # buffer written after it would make XLA copy the whole buffer every tick.
             for m in mods:
-                def fwd(c, m=m):
+                mb, sub, aux, v = op[T.F_MB], op[T.F_SUB], op[T.F_AUX], op[T.F_V]
+                x_in = take(bufs["stash"][m], op[T.F_IN])
+                ext = external(m, bufs, aux, batch, mb, sub)
+
+                def fwd(c, m=m, x_in=x_in, ext=ext, mb=mb, sub=sub, v=v):
                     go, _, _, loss = c
-                    v, mb, sub, aux = op[T.F_V], op[T.F_MB], op[T.F_SUB], op[T.F_AUX]
                     first, last = position(v, m)
-                    y, out, l = chunk(m, take(stacks[m], v), row(masks[m], v), edges[m],
-                                      take(bufs["stash"][m], op[T.F_IN]), external(m, bufs, aux, batch, mb, sub),
+                    y, out, l = chunk(m, take(stacks[m], v), row(masks[m], v), edges[m], x_in, ext,
                                       first, last, batch, mb, sub)
                     return go & False, y, out, loss + l
                 out0 = (jnp.zeros(spec.boundary_shape[m], jnp.float32) if m in encoders else
@@ -162,39 +167,43 @@ def build_step(spec, sig: T.Signature, mesh):
             for m in mods:
                 if not bwd[m]:
                     continue
+                mb, sub, aux, v = op[T.B_MB], op[T.B_SUB], op[T.B_AUX], op[T.B_V]
+                x_in = take(bufs["stash"][m], op[T.B_IN])
+                ext = external(m, bufs, aux, batch, mb, sub)
+                ct_in = take(bufs["cot"][m], op[T.B_COT])
+                if m in encoders:
+                    ct_head = row(row(bufs["bcot"][m], aux), sub)
+                elif m == "llm" and has_dit:      # a trash address: this microbatch has no dit clips
+                    ct_head = jnp.where(aux < nc, row(bufs["hcot"], aux), 0.0)[None]
+                else:
+                    ct_head = None
 
-                def bwd_body(c, m=m):
-                    go, _, _, bufs, grads = c
-                    v, mb, sub, aux = op[T.B_V], op[T.B_MB], op[T.B_SUB], op[T.B_AUX]
+                def bwd_body(c, m=m, x_in=x_in, ext=ext, ct_in=ct_in, ct_head=ct_head, mb=mb, sub=sub, aux=aux, v=v):
+                    go, _, _, hacc, g_stack, g_edge = c
                     first, last = position(v, m)
-                    ext = external(m, bufs, aux, batch, mb, sub)
                     f = lambda lp, e, x, ex: chunk(m, lp, row(masks[m], v), e, x, ex, first, last, batch, mb, sub)
-                    (y, out, _), pull = jax.vjp(f, take(stacks[m], v), edges[m], take(bufs["stash"][m], op[T.B_IN]), ext)
-                    ct_y = _where(last, zeros(y), take(bufs["cot"][m], op[T.B_COT]))
-                    if m in encoders:
-                        ct_out = jnp.where(last, row(row(bufs["bcot"][m], aux), sub), 0.0)
-                    elif m == "llm" and has_dit:
-                        ct_out = jnp.where(last, row(bufs["hcot"], aux)[None], 0.0)
-                    else:
-                        ct_out = jnp.zeros_like(out)
+                    (y, out, _), pull = jax.vjp(f, take(stacks[m], v), edges[m], x_in, ext)
+                    ct_y = _where(last, zeros(y), ct_in)
+                    ct_out = jnp.zeros_like(out) if ct_head is None else jnp.where(last, ct_head, 0.0)
                     g_lp, g_e, g_x, g_ext = pull((ct_y, ct_out, jnp.where(last, 1.0, 0.0).astype(jnp.float32)))
-                    grads = {"stacks": {**grads["stacks"], m: jax.tree.map(lambda G, g: put(G, v, row(G, v) + g),
-                                                                           grads["stacks"][m], g_lp)},
-                             "edges": {**grads["edges"], m: jax.tree.map(jnp.add, grads["edges"][m], g_e)}}
+                    g_stack = jax.tree.map(lambda G, g: put(G, v, row(G, v) + g), g_stack, g_lp)
+                    g_edge = jax.tree.map(jnp.add, g_edge, g_e)
                     payload = g_ext if m == "llm" else jnp.zeros((), jnp.float32)
                     if m == "dit":
                         idx = _sub(row(batch["cond_idx"], mb), sub, unit["dit"])
-                        acc = jnp.where(op[T.B_FIRST] == 1, 0.0, row(bufs["hacc"], aux)).at[idx].add(g_ext)
-                        bufs = {**bufs, "hacc": put(bufs["hacc"], aux, jnp.where(first, acc, row(bufs["hacc"], aux)))}
+                        acc = jnp.where(op[T.B_FIRST] == 1, 0.0, row(hacc, aux)).at[idx].add(g_ext)
+                        hacc = put(hacc, aux, jnp.where(first, acc, row(hacc, aux)))
                         payload = acc
-                    return go & False, g_x, payload, bufs, grads
+                    return go & False, g_x, payload, hacc, g_stack, g_edge
 
                 pay0 = ({e: jnp.zeros(spec.bnd_shape[e], jnp.float32) for e in encoders} if m == "llm" else
                         bufs["hacc"][0] if m == "dit" else jnp.zeros((), jnp.float32))
-                if m == "llm" and not encoders:
-                    pay0 = {}
                 go = (op[T.B_ON] == 1) & (op[T.B_MOD] == kid[m])
-                _, gx, payload, bufs, grads = lax.while_loop(lambda c: c[0], bwd_body, (go, act[m], pay0, bufs, grads))
+                hacc = bufs["hacc"] if m == "dit" else jnp.zeros((), jnp.float32)   # the only buffer a body writes
+                _, gx, payload, hacc, grads["stacks"][m], grads["edges"][m] = lax.while_loop(
+                    lambda c: c[0], bwd_body, (go, act[m], pay0, hacc, grads["stacks"][m], grads["edges"][m]))
+                if m == "dit":
+                    bufs = {**bufs, "hacc": hacc}
                 b_out[m] = (gx, payload)
             # communication: unconditional, every tick
             new = dict(bufs)

@@ -148,20 +148,18 @@ class PipelineExecutor:
         return ops, recv, max(t.n_ticks for t in tabs), sig
 
     def value_and_grad(self, params: nnx.State, arrays: dict[str, np.ndarray], plans: list[Plan],
-                       buckets: dict | None = None, n_ticks: int | None = None):
-        """Loss and model-shaped gradients of the pipelined execution of `plans`."""
-        stacks, masks, edges = self.stage_params(params)
-        g_stacks, g_edges, loss = None, None, None
-        loss, g_stacks, g_edges = self.run(stacks, masks, edges, arrays, plans, buckets, n_ticks)
-        return loss, self.model_grads(params, g_stacks, g_edges)
-
-    def run(self, stacks, masks, edges, arrays, plans, buckets=None, n_ticks=None):
+                       buckets: dict | None = None):
+        """Loss and model-shaped gradients of the pipelined execution of `plans` (one per replica)."""
         ops, recv, ticks, sig = self.tables(plans, buckets)
-        batch = self.replica_batch(arrays)
-        args = (stacks, masks, edges, self._put(batch, P("data")), self._put(ops, P("data", None, "pipe")),
-                self._put(recv, P("data", None, "pipe")), jnp.int32(ticks if n_ticks is None else n_ticks))
-        step = self.cache.get(sig, *args)
-        return step(*args)
+        return self.run_tables(params, arrays, ops, recv, ticks, sig)
+
+    def run_tables(self, params: nnx.State, arrays, ops, recv, n_ticks: int, sig: T.Signature):
+        """Execute lowered tables as given (tests corrupt them on purpose)."""
+        stacks, masks, edges = self.stage_params(params)
+        args = (stacks, masks, edges, self._put(self.replica_batch(arrays), P("data")),
+                self._put(ops, P("data", None, "pipe")), self._put(recv, P("data", None, "pipe")), jnp.int32(n_ticks))
+        loss, g_stacks, g_edges = self.cache.get(sig, *args)(*args)
+        return loss, self.model_grads(params, g_stacks, g_edges)
 
     def _put(self, x, spec):
         return jax.device_put(jax.tree.map(jnp.asarray, x), NamedSharding(self.mesh, spec))
