@@ -254,8 +254,12 @@ class PipelineConfig:
     schedule: str = "none"
     hardware: str = "cpu"
     memory_cap_gb: float = 80.0
+    search_rollouts: int = 8           # DIP search budget per batch (deterministic)
+    step_cache_size: int = 8           # compiled pipeline programs kept (LRU)
+    compile_cache_dir: str = ""        # persistent XLA compilation cache shared across runs ("" = off)
 
     def check(self) -> None:
+        _positive(self, "pipeline", "search_rollouts", "step_cache_size")
         _require(self.schedule in SCHEDULES, "pipeline.schedule",
                  f"unknown scheduler {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         _require(self.memory_cap_gb > 0, "pipeline.memory_cap_gb", "must be > 0")

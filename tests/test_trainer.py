@@ -104,3 +104,23 @@ def test_frozen_module_and_zero_multiplier_leave_params_unchanged(root):
     assert not changed("vision") and not changed("audio")
     assert changed("llm")
     assert float(metrics["grad_norm"]) > 0
+
+
+def test_schedulers_log_the_same_losses(root, tmp_path):
+    """Same seed and data: the pipelined schedulers and the unpipelined reference agree."""
+    from dip_jax.train.trainer import run
+    base = load_config_file(root / "configs/tiny_cpu.py")
+    losses, records = {}, {}
+    for sched in ("none", "dip", "1f1b"):
+        cfg = apply_overrides(base, ["train.steps=3", "train.progress=false", "checkpoint.enabled=false",
+                                     f"pipeline.schedule={sched}", f"pipeline.compile_cache_dir={tmp_path / 'xla'}"])
+        run(cfg, tmp_path / sched)
+        lines = [json.loads(l) for l in open(tmp_path / sched / "metrics.jsonl")]
+        losses[sched] = [r["loss"] for r in lines if r["kind"] == "train"]
+        records[sched] = [r for r in lines if r["kind"] == "train"]
+    for sched in ("dip", "1f1b"):
+        np.testing.assert_allclose(losses[sched], losses["none"], rtol=1e-4, err_msg=sched)
+        for r in records[sched]:
+            assert r["scheduler"] == sched and r["compiles"] >= 1 and r["plan_fallback"] is False
+            assert 0.0 <= r["bubble_fraction"] < 1.0 and r["predicted_step_seconds"] >= r["lower_bound_seconds"]
+    assert all(r["scheduler"] is None for r in records["none"])

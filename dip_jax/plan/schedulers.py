@@ -98,7 +98,7 @@ class PlanContext:
             plan = schedule_baseline("1f1b" if scheduler == "nnscaler" else scheduler, graph, costs)
             plan = dataclasses.replace(plan, scheduler=scheduler)
         validate(plan)
-        elapsed = time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0          # planning; the timelines below are reporting
         lock = simulate(plan, costs, "lockstep")
         asy = simulate(plan, costs, "async")
         oom = max(lock.peak_memory) > self.memory_cap

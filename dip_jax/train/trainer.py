@@ -12,8 +12,9 @@ import time
 
 import jax
 import numpy as np
+from flax import nnx
 
-from dip_jax.config import ConfigError, TrainConfig
+from dip_jax.config import TrainConfig
 from dip_jax.data.pipeline import eval_batches, train_iterator
 from dip_jax.runtime.mesh import mesh_for
 from dip_jax.train.checkpoint import Checkpointer
@@ -23,10 +24,8 @@ from dip_jax.train.state import count_params, init_state
 from dip_jax.train.step import make_eval_loss, make_logits_fn, make_train_step, put_batch, replicated
 
 
-def _check_supported(cfg: TrainConfig) -> None:
-    if cfg.pipeline.schedule != "none":
-        raise ConfigError(f"pipeline.schedule: {cfg.pipeline.schedule!r} needs the pipeline executor, which this "
-                          "version does not ship yet; use --config.pipeline.schedule=none")
+PLAN_FIELDS = ("scheduler", "predicted_step_seconds", "lower_bound_seconds", "bubble_fraction", "plan_seconds",
+               "plan_fallback", "compiles", "cache_hits")
 
 
 def _eval_batch_count(cfg: TrainConfig, probe) -> int:
@@ -53,7 +52,6 @@ class Evaluator:
 
 def run(cfg: TrainConfig, workdir: str | pathlib.Path) -> dict:
     """Train (resuming from `workdir`'s latest checkpoint if there is one). Returns the summary."""
-    _check_supported(cfg)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
@@ -67,7 +65,12 @@ def run(cfg: TrainConfig, workdir: str | pathlib.Path) -> dict:
     if ckpt is not None:
         state, restored = ckpt.restore(state, data)
         start = restored or 0
-    step_fn = make_train_step(graphdef, tx)
+    if cfg.pipeline.schedule == "none":
+        reference = make_train_step(graphdef, tx)
+        step_fn = lambda state, batch, step: (*reference(state, put_batch(batch.arrays, mesh)), None)
+    else:
+        from dip_jax.train.pipelined import PipelinedStep
+        step_fn = PipelinedStep(cfg, nnx.merge(graphdef, state["params"]), mesh, tx)
     evaluator = Evaluator(cfg, graphdef, mesh) if (cfg.train.eval_every or cfg.data.task == "digits") else None
     log = MetricsWriter(workdir, cfg.train.steps, start, cfg.train.progress)
     print(f"dip_jax: {cfg.model.name}, {count_params(state['params']):,} params, {len(mesh.devices.flat)} devices "
@@ -78,11 +81,12 @@ def run(cfg: TrainConfig, workdir: str | pathlib.Path) -> dict:
         for step in range(start + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
             batch = next(data)
-            state, metrics = step_fn(state, put_batch(batch.arrays, mesh))
+            state, metrics, report = step_fn(state, batch, step)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 metrics = {k: float(v) for k, v in metrics.items()}
+                plan = report.fields() if report is not None else dict.fromkeys(PLAN_FIELDS)
                 last = log.write("train", step, step_seconds=time.perf_counter() - t0, batch_index=batch.index,
-                                 samples=sum(len(mb) for mb in batch.metadata), **metrics)
+                                 samples=sum(len(mb) for mb in batch.metadata), **metrics, **plan)
                 first_loss = metrics["loss"] if first_loss is None else first_loss
                 log.progress(step, loss=metrics["loss"])
             if evaluator is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0 \
