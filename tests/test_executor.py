@@ -185,3 +185,43 @@ def test_hlo_loop_has_no_all_reduce_and_no_whole_buffer_copies(encoders):
     assert all(s[0] == K["llm"] > 1 for s in whole)
     copies = {tuple(int(x) for x in shape.split(",")) for shape in re.findall(r"= f32\[([\d,]+)\][^\n]* copy\(", body)}
     assert not copies & whole, f"whole gradient/parameter stack copied in the tick loop: {sorted(copies & whole)}"
+
+
+def test_200_dynamic_batches_need_at_most_4_programs(root):
+    """DIP plans of 200 synthetic batches (varying image/audio counts) lower to <= 4 signatures,
+    i.e. <= 4 compiled programs; the executor compiles one per signature (test above)."""
+    from dip_jax.overrides import load_config_file
+    from dip_jax.plan.schedulers import PlanContext
+    cfg = load_config_file(root / "configs/tiny_cpu.py")
+    ctx = PlanContext(cfg)
+    src = PackedBatches(cfg, content=False)
+    D, M = cfg.mesh.data, cfg.data.microbatches // cfg.mesh.data
+    signatures, compositions = set(), set()
+    for i in range(200):
+        meta = src.metadata(i)
+        compositions.add(tuple(sum(s.images for s in mb) for mb in meta))
+        needs = [T.needs(ctx.plan(meta[d * M:(d + 1) * M], "dip", rollouts=1, seed=i).plan) for d in range(D)]
+        signatures.add((tuple(T.bucket(max(n["stash"][m] for n in needs)) for m in needs[0]["stash"]),
+                        tuple(T.bucket(max(n["cot"][m] for n in needs)) for m in needs[0]["cot"]),
+                        T.bucket(max(n["boundary"] for n in needs)), T.bucket(max(n["cond"] for n in needs)),
+                        T.bucket(max(n["ticks"] for n in needs), 8)))
+    assert len(compositions) > 50, "the data is dynamic"
+    assert len(signatures) <= 4, signatures
+
+
+def test_frozen_encoder_gets_no_backward_and_no_gradient(encoders):
+    """Vision frozen: no vision backward ops, zero vision gradients, all others as the reference."""
+    import dataclasses
+    frozen = ModalityPartition(4, tuple(dataclasses.replace(m, backward=m.name != "vision")
+                                        for m in encoders.partition.modules))
+    ex = PipelineExecutor(encoders.model, frozen, make_mesh(1, 4), {"vision": 4, "audio": 2, "dit": 3}, 48)
+    graph = frozen.graph(workload_from_metadata(encoders.cfg, encoders.batch.metadata[:4]))
+    assert not any(op.kind == "B" and op.module == "vision" for op in graph.ops())
+    loss, grads = ex.value_and_grad(encoders.params, encoders.batch.arrays,
+                                    [schedule_baseline("1f1b", graph, UNIT_COSTS)], encoders.buckets)
+    ref_loss, ref_grads = encoders.ref
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+    assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(grads["vision"]))
+    for m in ("audio", "llm"):
+        for g, r in zip(jax.tree.leaves(grads[m]), jax.tree.leaves(ref_grads[m])):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-6)
