@@ -69,18 +69,8 @@ def collate(microbatches: Sequence[Sequence[Sample]], cfg: TrainConfig, seed: in
             a["loss_mask"][i, off:off + L - 1] = s.labels[1:]
             a["segment_ids"][i, sl] = seg
             a["positions"][i, sl] = np.arange(L)
-            if s.images is not None and len(s.images):
-                pos = off + np.flatnonzero(s.tokens == IMG)
-                k = len(s.images)
-                a["images"][i, ni:ni + k] = s.images
-                a["image_pos"][i, ni:ni + k] = pos.reshape(k, -1)
-                ni += k
-            if s.audio is not None and len(s.audio):
-                pos = off + np.flatnonzero(s.tokens == AUD)
-                k = len(s.audio)
-                a["audio"][i, na:na + k] = s.audio
-                a["audio_pos"][i, na:na + k] = pos.reshape(k, -1)
-                na += k
+            ni = _place(a, "images", "image_pos", i, ni, s.images, off + np.flatnonzero(s.tokens == IMG))
+            na = _place(a, "audio", "audio_pos", i, na, s.audio, off + np.flatnonzero(s.tokens == AUD))
             if s.video is not None and len(s.video):
                 lc = m.dit.cond_tokens
                 cap = off + s.caption[:lc]
@@ -96,3 +86,14 @@ def collate(microbatches: Sequence[Sequence[Sample]], cfg: TrainConfig, seed: in
     a["n_tokens"] = np.float32(max(1.0, a["loss_mask"].sum()))
     a["n_clips"] = np.float32(max(1, n_clips))
     return a
+
+
+def _place(a, key, pos_key, row, used, items, positions) -> int:
+    """Put a sample's encoder inputs after the `used` ones of microbatch `row`, with the sequence
+    positions of their placeholder tokens; returns the new count."""
+    if items is None or not len(items):
+        return used
+    k = len(items)
+    a[key][row, used:used + k] = items
+    a[pos_key][row, used:used + k] = positions.reshape(k, -1)
+    return used + k
