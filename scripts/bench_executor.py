@@ -34,7 +34,7 @@ from dip_jax.config import DataConfig, LLMConfig, MeshConfig, ModelConfig, Train
 from dip_jax.data.pipeline import PackedBatches              # noqa: E402
 from dip_jax.models.lmm import LMM                           # noqa: E402
 from dip_jax.plan.baselines import schedule_baseline         # noqa: E402
-from dip_jax.plan.partition import ModalityPartition, split_layers  # noqa: E402
+from dip_jax.plan.partition import ModalityPartition  # noqa: E402
 from dip_jax.plan.schedule import ModuleChunks               # noqa: E402
 from dip_jax.plan.simulate import Costs                      # noqa: E402
 from dip_jax.plan.workload import workload_from_metadata     # noqa: E402

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from dip_jax.config import DiTConfig, ModelConfig, TrainConfig
+from dip_jax.config import DiTConfig, TrainConfig
 from dip_jax.data.digits import split_indices
 from dip_jax.data.metadata import AUD, IMG, SampleMeta
 from dip_jax.data.packing import Budget, pack_greedy, pack_into_batches

@@ -7,7 +7,6 @@ import time
 
 import jax
 import numpy as np
-import pytest
 
 from conftest import ROOT, run_cli
 from dip_jax.data.pipeline import PackedBatches

@@ -1,7 +1,6 @@
 """Vision encoder: ViT over fixed-size patches, spatial merge, projector to the llm width."""
 from __future__ import annotations
 
-import jax.numpy as jnp
 from flax import nnx
 
 from dip_jax.config import VisionConfig

@@ -16,7 +16,7 @@ import time
 
 from dip_jax.plan.indexed import Indexed
 from dip_jax.plan.interleave import Policy, interleave_ids
-from dip_jax.plan.schedule import F, Graph, Plan
+from dip_jax.plan.schedule import Graph, Plan
 from dip_jax.plan.simulate import Costs, iteration_seconds
 
 ALPHA, BETA, GREEDY = 4.0, 0.2, 0.7
@@ -45,13 +45,13 @@ def _groups(graph: Graph) -> list[list[tuple[str, int]]]:
             for m in graph.modules]
 
 
-def _within_group_ranks(ix: Indexed) -> tuple[list[int], dict]:
-    """Per op: its group (module, mb) and its fixed position inside the group."""
+def _within_group_ranks(ix: Indexed) -> list[int]:
+    """Per op: its fixed position inside its (module, microbatch) group: sub, then chunk order."""
     keys = sorted(range(ix.n), key=lambda i: (ix.ops[i].sub, ix.ops[i].chunk if not ix.is_b[i] else -ix.ops[i].chunk))
     within = [0] * ix.n
     for pos, i in enumerate(keys):
         within[i] = pos
-    return within, {}
+    return within
 
 
 def _sequence(lanes, choices: list[int]) -> list[tuple[str, int]]:
@@ -93,7 +93,7 @@ def search(graph: Graph, costs: Costs, budget_seconds: float = 1.0, rollouts: in
     rng = random.Random(seed)
     lanes = _groups(graph)
     ix = Indexed(graph, costs)
-    within, _ = _within_group_ranks(ix)
+    within = _within_group_ranks(ix)
     group_of = [(op.module, op.mb) for op in ix.ops]
     policy = Policy("dip", lambda op: (), alternate=True, memory_cap=memory_cap)
     cache: dict[tuple, float] = {}

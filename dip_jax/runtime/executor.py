@@ -17,7 +17,6 @@ one sends it to the llm's last-chunk backward.
 """
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
