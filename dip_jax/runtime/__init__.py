@@ -1,1 +1,1 @@
-"""JAX side: mesh set-up and (later) the table-driven pipeline executor."""
+"""JAX side: mesh set-up, stage stacks, the table-driven pipeline executor and its compile cache."""
