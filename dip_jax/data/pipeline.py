@@ -66,8 +66,3 @@ def train_iterator(cfg: TrainConfig):
     ds = batch_dataset(cfg, "train").to_iter_dataset(
         grain.ReadOptions(num_threads=1, prefetch_buffer_size=cfg.data.prefetch))
     return iter(ds)
-
-
-def eval_batches(cfg: TrainConfig, n_batches: int) -> list[Batch]:
-    ds = batch_dataset(cfg, "eval")
-    return [ds[i] for i in range(n_batches)]

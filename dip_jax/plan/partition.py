@@ -104,42 +104,35 @@ def dip_partition(model: ModelConfig, cost: CostModel, P: int, max_items: dict[s
     equally aligned choices the fewest chunks win. `align=False` is the paper's rule,
     K_i = floor(T_i / T_min)."""
     bwd = backward_modules(model, frozen)
-    sizes, T = {}, {}
-
-    def module_time(name, b):
-        L = module_layers(model, name)
-        return cost.op_seconds(name, F, L, b) + (cost.op_seconds(name, "B", L, b) if bwd[name] else 0.0)
-
+    unit, T = {}, {}
     for name in model.modules:
         if name == "llm":
-            sizes[name] = [1]
+            unit[name] = 1
         else:
             cand = range(1, max(1, max_items.get(name, 1)) + 1)
             eff = {b: cost.efficiency(name, b) for b in cand}
             best = max(eff.values())
-            sizes[name] = [min(b for b in cand if eff[b] >= EFFICIENCY_TARGET * best)]
-        T[name] = {b: module_time(name, b) for b in sizes[name]}
-    kmax = {name: max(1, module_layers(model, name) // P) for name in model.modules}
+            unit[name] = min(b for b in cand if eff[b] >= EFFICIENCY_TARGET * best)
+        L = module_layers(model, name)
+        T[name] = cost.op_seconds(name, F, L, unit[name]) + (
+            cost.op_seconds(name, "B", L, unit[name]) if bwd[name] else 0.0)
+    layers = {name: module_layers(model, name) for name in model.modules}
+    kmax = {name: max(1, layers[name] // P) for name in model.modules}
     if align:
-        unit = {name: sizes[name][0] for name in model.modules}
-        layers = {name: module_layers(model, name) for name in model.modules}
-
         def chunk_times(name, K):
-            return {T[name][unit[name]] * c / layers[name] for c in set(split_layers(layers[name], P * K))}
+            return {T[name] * c / layers[name] for c in set(split_layers(layers[name], P * K))}
 
-        best_choice, best_key = None, None
+        best_key, K_of = None, None
         for ks in itertools.product(*(range(1, kmax[name] + 1) for name in model.modules)):
             times = set().union(*(chunk_times(name, k) for name, k in zip(model.modules, ks)))
             spread = 1.0 - min(times) / max(times)       # lock-step waste between chunk ops
             key = (round(spread, 2), sum(ks))            # then the fewest chunks
             if best_key is None or key < best_key:
-                best_choice, best_key = {name: (unit[name], k) for name, k in zip(model.modules, ks)}, key
-        choice = best_choice
+                best_key, K_of = key, dict(zip(model.modules, ks))
     else:
-        unit = {name: sizes[name][0] for name in model.modules}
-        t_min = min(T[name][unit[name]] for name in model.modules)
-        choice = {name: (unit[name], max(1, min(int(T[name][unit[name]] // t_min), kmax[name])))
-                  for name in model.modules}
+        t_min = min(T.values())
+        K_of = {name: max(1, min(int(T[name] // t_min), kmax[name])) for name in model.modules}
+    choice = {name: (unit[name], K_of[name]) for name in model.modules}
     mods = []
     for name in model.modules:
         b, K = choice[name]

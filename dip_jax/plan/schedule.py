@@ -170,31 +170,13 @@ def validate(plan: Plan, costs=None, memory_cap: float | None = None) -> None:
             for p in g.preds(op):
                 if g.rank(p) == r and pos[p] > i:
                     raise ScheduleError("dependency", f"rank {r} runs {op} before its input {p}")
-    order_topological(plan)
+    from dip_jax.plan.indexed import Indexed
+    from dip_jax.plan.simulate import Costs as _Costs, topological
+    ix = Indexed(g, _Costs(latency=lambda op: 0.0))
+    topological(ix, ix.order_ids(plan))                # raises ScheduleError("deadlock")
     if costs is not None and memory_cap is not None:
         from dip_jax.plan.simulate import check_memory, simulate
         check_memory(simulate(plan, costs, "async"), memory_cap)
-
-
-def order_topological(plan: Plan) -> list[Op]:
-    """All ops in an order that runs every rank's list in order; raises on deadlock."""
-    g = plan.graph
-    heads = [0] * g.P
-    done: set[Op] = set()
-    out: list[Op] = []
-    progress = True
-    while progress:
-        progress = False
-        for r, ops in enumerate(plan.order):
-            while heads[r] < len(ops) and all(p in done for p in g.preds(ops[heads[r]])):
-                done.add(ops[heads[r]])
-                out.append(ops[heads[r]])
-                heads[r] += 1
-                progress = True
-    if len(out) != sum(len(o) for o in plan.order):
-        stuck = [str(ops[heads[r]]) for r, ops in enumerate(plan.order) if heads[r] < len(ops)]
-        raise ScheduleError("deadlock", f"ranks wait on each other forever at {', '.join(stuck)}")
-    return out
 
 
 def by_rank(graph: Graph, ops: Iterable[Op]) -> tuple[tuple[Op, ...], ...]:

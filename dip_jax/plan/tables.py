@@ -188,17 +188,12 @@ def lower(plan: Plan, buckets: dict | None = None) -> Table:
     if "dit" in mods:
         recv[:, :, cols["cond"]] = nc
         recv[:, :, cols["hcot"]] = nc
-    first_dit_b = {}
-    if "dit" in mods:
-        for mb in range(g.microbatches):
-            subs = [Op(B, "dit", 0, mb, u) for u in range(g.n_subs("dit", mb))]
-            if subs and g.module("dit").backward:
-                first_dit_b[mb] = min(subs, key=lambda o: tick[o])
-    last_dit_b = {}
+    first_dit_b, last_dit_b = {}, {}      # per microbatch: its dit sub-microbatches' first/last backward
     if "dit" in mods and g.module("dit").backward:
         for mb in range(g.microbatches):
             subs = [Op(B, "dit", 0, mb, u) for u in range(g.n_subs("dit", mb))]
             if subs:
+                first_dit_b[mb] = min(subs, key=lambda o: tick[o])
                 last_dit_b[mb] = max(subs, key=lambda o: tick[o])
     for op, t in tick.items():
         r, k, m = g.rank(op), k_of[op.module], g.module(op.module)

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from dip_jax.config import TrainConfig
-from dip_jax.data.pipeline import eval_batches, train_iterator
+from dip_jax.data.pipeline import batch_dataset, train_iterator
 from dip_jax.runtime.mesh import mesh_for
 from dip_jax.train.checkpoint import Checkpointer
 from dip_jax.train.evaluate import greedy_accuracy
@@ -36,8 +36,9 @@ def _eval_batch_count(cfg: TrainConfig, probe) -> int:
 class Evaluator:
     def __init__(self, cfg: TrainConfig, graphdef, mesh):
         self.cfg, self.mesh = cfg, mesh
-        first = eval_batches(cfg, 1)
-        self.batches = first + eval_batches(cfg, _eval_batch_count(cfg, first[0]))[1:]
+        source = batch_dataset(cfg, "eval")
+        first = source[0]
+        self.batches = [first] + [source[i] for i in range(1, _eval_batch_count(cfg, first))]
         self.loss_fn = make_eval_loss(graphdef)
         self.logits_fn = make_logits_fn(graphdef)
 
