@@ -257,9 +257,18 @@ class PipelineConfig:
     search_rollouts: int = 8           # DIP search budget per batch (deterministic)
     step_cache_size: int = 8           # compiled pipeline programs kept (LRU)
     compile_cache_dir: str = ""        # persistent XLA compilation cache shared across runs ("" = off)
+    plan_workers: int = 1              # background planner processes (0 = plan inline, in the step loop)
+    plan_ahead: int = 2                # batches planned ahead of the one running
+    plan_deadline_seconds: float = 10.0  # longest wait for a plan before the interleaved-1F1B fallback
+    plan_faults: tuple = ()            # ((step, "raise" | "late"), ...): make the planner fail, to test fallback
 
     def check(self) -> None:
-        _positive(self, "pipeline", "search_rollouts", "step_cache_size")
+        _positive(self, "pipeline", "search_rollouts", "step_cache_size", "plan_ahead", "plan_deadline_seconds")
+        _require(self.plan_workers >= 0, "pipeline.plan_workers", f"must be >= 0, got {self.plan_workers!r}")
+        for fault in self.plan_faults:
+            _require(isinstance(fault, tuple) and len(fault) == 2 and isinstance(fault[0], int)
+                     and fault[1] in ("raise", "late"), "pipeline.plan_faults",
+                     f"entries are (step, 'raise' | 'late'), got {fault!r}")
         _require(self.schedule in SCHEDULES, "pipeline.schedule",
                  f"unknown scheduler {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         _require(self.memory_cap_gb > 0, "pipeline.memory_cap_gb", "must be > 0")
@@ -334,11 +343,13 @@ class TrainSection:
     log_every: int = 1
     eval_every: int = 0                # 0 = only at the end (if the task has an eval)
     progress: bool = True
-    timeline_every: int = 0
+    timeline_every: int = 100          # write DIR/timelines/step_N.* every this many steps (0 = never) ...
+    timeline_first: int = 2            # ... and for the first steps of a run
 
     def check(self) -> None:
         _positive(self, "train", "steps", "log_every")
-        _require(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+        for name in ("eval_every", "timeline_every", "timeline_first"):
+            _require(getattr(self, name) >= 0, f"train.{name}", "must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

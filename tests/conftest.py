@@ -23,3 +23,9 @@ def run_cli(*args, timeout=600, env=None):
     e.pop("JAX_NUM_CPU_DEVICES", None)   # the CLI must set up its own devices
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=e, capture_output=True, text=True,
                           timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def xla_cache(tmp_path_factory) -> pathlib.Path:
+    """One persistent XLA compilation cache for every training run of the session."""
+    return tmp_path_factory.mktemp("xla")

@@ -196,15 +196,14 @@ def test_200_dynamic_batches_need_at_most_4_programs(root):
     ctx = PlanContext(cfg)
     src = PackedBatches(cfg, content=False)
     D, M = cfg.mesh.data, cfg.data.microbatches // cfg.mesh.data
-    signatures, compositions = set(), set()
+    signatures, compositions, buckets = set(), set(), None
     for i in range(200):
         meta = src.metadata(i)
         compositions.add(tuple(sum(s.images for s in mb) for mb in meta))
-        needs = [T.needs(ctx.plan(meta[d * M:(d + 1) * M], "dip", rollouts=1, seed=i).plan) for d in range(D)]
-        signatures.add((tuple(T.bucket(max(n["stash"][m] for n in needs)) for m in needs[0]["stash"]),
-                        tuple(T.bucket(max(n["cot"][m] for n in needs)) for m in needs[0]["cot"]),
-                        T.bucket(max(n["boundary"] for n in needs)), T.bucket(max(n["cond"] for n in needs)),
-                        T.bucket(max(n["ticks"] for n in needs), 8)))
+        plans = [ctx.plan(meta[d * M:(d + 1) * M], "dip", rollouts=1, seed=i).plan for d in range(D)]
+        fit = T.buckets_for(plans)
+        buckets = fit if buckets is None else T.widen(fit, buckets)     # what the executor does
+        signatures.add(T.lower(plans[0], buckets).signature)
     assert len(compositions) > 50, "the data is dynamic"
     assert len(signatures) <= 4, signatures
 

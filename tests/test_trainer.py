@@ -7,6 +7,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import ROOT, run_cli
 from dip_jax.data.pipeline import PackedBatches
@@ -108,21 +109,90 @@ def test_frozen_module_and_zero_multiplier_leave_params_unchanged(root):
     assert float(metrics["grad_norm"]) > 0
 
 
-def test_schedulers_log_the_same_losses(root, tmp_path):
-    """Same seed and data: the pipelined schedulers and the unpipelined reference agree."""
+SCHEDULES = ("none", "dip", "1f1b", "interleaved_1f1b", "gpipe", "encoders_first")
+
+
+def _tiny(root, xla_cache, *overrides):
+    return apply_overrides(load_config_file(root / "configs/tiny_cpu.py"),
+                           ["train.progress=false", f"pipeline.compile_cache_dir={xla_cache}", *overrides])
+
+
+def _records(workdir, kind="train"):
+    return [r for r in map(json.loads, open(workdir / "metrics.jsonl")) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def scheduler_runs(root, tmp_path_factory, xla_cache):
+    """5 steps of tiny_cpu (pipe=4) under every scheduler, same seed and data."""
     from dip_jax.train.trainer import run
-    base = load_config_file(root / "configs/tiny_cpu.py")
-    losses, records = {}, {}
-    for sched in ("none", "dip", "1f1b"):
-        cfg = apply_overrides(base, ["train.steps=3", "train.progress=false", "checkpoint.enabled=false",
-                                     f"pipeline.schedule={sched}", f"pipeline.compile_cache_dir={tmp_path / 'xla'}"])
-        run(cfg, tmp_path / sched)
-        lines = [json.loads(l) for l in open(tmp_path / sched / "metrics.jsonl")]
-        losses[sched] = [r["loss"] for r in lines if r["kind"] == "train"]
-        records[sched] = [r for r in lines if r["kind"] == "train"]
-    for sched in ("dip", "1f1b"):
-        np.testing.assert_allclose(losses[sched], losses["none"], rtol=1e-4, err_msg=sched)
-        for r in records[sched]:
-            assert r["scheduler"] == sched and r["compiles"] >= 1 and r["plan_fallback"] is False
+    tmp = tmp_path_factory.mktemp("schedulers")
+    out = {}
+    for sched in SCHEDULES:
+        cfg = _tiny(root, xla_cache, "train.steps=5", "checkpoint.every=4", f"pipeline.schedule={sched}")
+        out[sched] = (run(cfg, tmp / sched), _records(tmp / sched), tmp / sched)
+    return out
+
+
+def test_schedulers_log_the_same_losses(scheduler_runs):
+    reference = [r["loss"] for r in scheduler_runs["none"][1]]
+    assert len(reference) == 5 and all(r["scheduler"] is None for r in scheduler_runs["none"][1])
+    for sched in SCHEDULES[1:]:
+        summary, records, _ = scheduler_runs[sched]
+        np.testing.assert_allclose([r["loss"] for r in records], reference, rtol=1e-4, err_msg=sched)
+        for r in records:
+            assert r["scheduler"] == sched and r["plan_fallback"] is False and r["compiles"] >= 1
             assert 0.0 <= r["bubble_fraction"] < 1.0 and r["predicted_step_seconds"] >= r["lower_bound_seconds"]
-    assert all(r["scheduler"] is None for r in records["none"])
+        assert summary["plan_fallbacks"] == 0 and summary["planned_steps"] == 5
+        assert 0.0 <= summary["plan_wait_fraction"] < 1.0
+
+
+def test_timelines_and_summary(scheduler_runs):
+    summary, records, workdir = scheduler_runs["dip"]
+    files = sorted(p.name for p in (workdir / "timelines").iterdir())
+    assert files == ["step_1.png", "step_1.trace.json", "step_2.png", "step_2.trace.json"]
+    trace = json.loads((workdir / "timelines/step_1.trace.json").read_text())
+    ops = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert {e["cat"] for e in ops} == {"vision", "audio", "llm"} and {e["tid"] for e in ops} == {0, 1, 2, 3}
+    assert "measured" in trace["traceEvents"][0]["args"]["name"]
+    on_disk = json.loads((workdir / "summary.json").read_text())
+    assert on_disk["compiles"] == records[-1]["compiles"] and on_disk["last_loss"] == records[-1]["loss"]
+    assert on_disk["plan_wait_seconds"] == pytest.approx(sum(r["plan_wait_seconds"] for r in records))
+
+
+def test_planner_failures_fall_back_and_training_continues(root, tmp_path, xla_cache, scheduler_runs):
+    """Step 2's planner raises, step 3's misses its deadline: both run interleaved 1F1B."""
+    from dip_jax.train.trainer import run
+    cfg = _tiny(root, xla_cache, "train.steps=4", "checkpoint.enabled=false", "pipeline.plan_deadline_seconds=3",
+                "pipeline.plan_faults=((2, 'raise'), (3, 'late'))")
+    t0 = time.perf_counter()
+    summary = run(cfg, tmp_path / "run")
+    records = _records(tmp_path / "run")
+    assert [r["plan_fallback"] for r in records] == [False, True, True, False]
+    assert [r["scheduler"] for r in records] == ["dip", "interleaved_1f1b", "interleaved_1f1b", "dip"]
+    assert records[1]["plan_fallback_reason"] == "error: RuntimeError: planner fault injected at step 2"
+    assert records[2]["plan_fallback_reason"].startswith("deadline: no dip plan after 3 s")
+    assert 3.0 <= records[2]["plan_wait_seconds"] < 10.0        # waited for the deadline, not for the search
+    assert summary["plan_fallbacks"] == 2
+    reference = [r["loss"] for r in scheduler_runs["none"][1]][:4]
+    np.testing.assert_allclose([r["loss"] for r in records], reference, rtol=1e-4)
+    assert time.perf_counter() - t0 < 600
+
+
+def test_resume_under_another_scheduler_and_pipe_size(root, tmp_path, xla_cache, scheduler_runs):
+    """The 1f1b run (data=2 x pipe=4) checkpointed step 4; resume it under dip on data=4 x pipe=2."""
+    from dip_jax.train.trainer import run
+    import shutil
+    work = tmp_path / "resumed"
+    shutil.copytree(scheduler_runs["1f1b"][2], work)
+    for step in (5,):                                    # keep only the step-4 checkpoint
+        shutil.rmtree(work / "checkpoints" / str(step), ignore_errors=True)
+    cfg = _tiny(root, xla_cache, "train.steps=6", "pipeline.schedule=dip", "mesh.data=4", "mesh.pipe=2")
+    summary = run(cfg, work)
+    assert summary["resumed_from"] == 4
+    records = _records(work)
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert [r["batch_index"] for r in records] == list(range(6))      # no prefetched batch skipped
+    assert [r["scheduler"] for r in records] == ["1f1b"] * 4 + ["dip"] * 2
+    reference = [r["loss"] for r in scheduler_runs["none"][1]]
+    np.testing.assert_allclose(records[4]["loss"], reference[4], rtol=1e-4)
+    assert np.isfinite(records[5]["loss"])

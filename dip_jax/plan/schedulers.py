@@ -61,6 +61,8 @@ class PlanContext:
         self.partition: ModalityPartition = dip_partition(cfg.model, self.cost, cfg.mesh.pipe, max_items,
                                                           cfg.optim.frozen)
         self.memory_cap = cfg.pipeline.memory_cap_gb * 1e9
+        self.forward_partition = dataclasses.replace(
+            self.partition, modules=tuple(dataclasses.replace(m, backward=False) for m in self.partition.modules))
         self._static = {}
 
     def workload(self, microbatches: Sequence[Sequence[SampleMeta]]) -> Workload:
@@ -77,15 +79,20 @@ class PlanContext:
 
     def plan(self, microbatches: Sequence[Sequence[SampleMeta]], scheduler: str = "dip", runtime: bool = True,
              budget_seconds: float = 1.0, rollouts: int | None = None, seed: int = 0,
-             workers: int = 1) -> PlanResult:
+             workers: int = 1, forward_only: bool = False) -> PlanResult:
+        """Plan one replica's microbatches. `forward_only` (evaluation) plans the DIP chunks with
+        no backward ops; it needs `runtime=True`."""
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         t0 = time.perf_counter()
         work = self.workload(microbatches)
         n_rollouts = 0
+        if forward_only and not runtime:
+            raise ValueError("forward_only plans are runtime plans (the DIP chunks)")
         if scheduler == "dip" or scheduler == "encoders_first" or (runtime and scheduler != "nnscaler"):
-            graph = self.partition.graph(work)
-            costs = self.partition.costs(self.cost, self.cfg.model)
+            part = self.forward_partition if forward_only else self.partition
+            graph = part.graph(work)
+            costs = part.costs(self.cost, self.cfg.model)
             if scheduler == "dip":
                 plan, stats = parallel_search(graph, costs, workers, budget_seconds, rollouts, seed, self.memory_cap)
                 n_rollouts = stats.rollouts

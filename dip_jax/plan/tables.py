@@ -103,6 +103,24 @@ def needs(plan: Plan) -> dict:
     return _allocate(plan, ticks_of(plan))[-1]
 
 
+STASH_MIN = 4      # activation slots per module at least: the smallest schedules' needs, one program
+
+
+def buckets_for(plans: list[Plan]) -> dict:
+    """Buffer and table sizes that fit every plan of `plans`, rounded up to powers of two."""
+    ns = [needs(p) for p in plans]
+    most = lambda key: max(n[key] for n in ns)
+    mods = ns[0]["stash"]
+    return {"stash": {m: bucket(max(n["stash"][m] for n in ns), STASH_MIN) for m in mods},
+            "cot": {m: bucket(max(n["cot"][m] for n in ns)) for m in mods},
+            "boundary": bucket(most("boundary")), "cond": bucket(most("cond")), "t_max": bucket(most("ticks"), 8)}
+
+
+def widen(a: dict, b: dict) -> dict:
+    """The larger of two bucket sets, field by field (so a run's buckets only ever grow)."""
+    return {k: widen(v, b[k]) if isinstance(v, dict) else max(v, b[k]) for k, v in a.items()}
+
+
 def _allocate(plan: Plan, tick: dict[Op, int]):
     g = plan.graph
     P = g.P

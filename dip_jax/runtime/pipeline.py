@@ -62,6 +62,7 @@ class PipelineExecutor:
                 bshape[m] = (self.unit[m], t, cfg.llm.dim)
                 bnd[m] = (self.subs[m], self.unit[m], t, cfg.llm.dim)
         self.spec = ExecSpec(graphdef, block_def, carry, bshape, bnd, cfg.llm.dim, cfg.dit_loss_weight)
+        self._buckets: dict = {}
         self.cache = StepCache(lambda sig: build_step(self.spec, sig, mesh), cache_size, persistent_cache_dir)
 
     def _carry_shape(self, model, m, seq_len):
@@ -131,16 +132,16 @@ class PipelineExecutor:
 
     # -- tables --------------------------------------------------------------------------
     def tables(self, plans: list[Plan], buckets: dict | None = None):
-        """One plan per data replica -> stacked tables of one common signature."""
+        """One plan per data replica -> stacked tables of one common signature. Without
+        `buckets`, the sizes are the smallest that fit these plans and all earlier ones."""
         if len(plans) != self.data:
             raise ValueError(f"{len(plans)} plans for {self.data} data replicas")
         if buckets is None:
-            needs = [T.needs(p) for p in plans]
-            buckets = {"stash": {m: T.bucket(max(n["stash"][m] for n in needs)) for m in self.modules},
-                       "cot": {m: T.bucket(max(n["cot"][m] for n in needs)) for m in self.modules},
-                       "boundary": T.bucket(max(n["boundary"] for n in needs)),
-                       "cond": T.bucket(max(n["cond"] for n in needs)),
-                       "t_max": T.bucket(max(n["ticks"] for n in needs), 8)}
+            # buckets only grow during a run: a batch that fits a compiled program reuses it
+            kind = tuple(m.backward for m in plans[0].graph.modules)       # training or forward-only
+            fit = T.buckets_for(plans)
+            buckets = T.widen(fit, self._buckets.get(kind, fit))
+            self._buckets[kind] = buckets
         tabs = [T.lower(p, buckets) for p in plans]
         sig = tabs[0].signature
         ops = np.stack([t.ops for t in tabs])
@@ -153,13 +154,21 @@ class PipelineExecutor:
         ops, recv, ticks, sig = self.tables(plans, buckets)
         return self.run_tables(params, arrays, ops, recv, ticks, sig)
 
+    def loss(self, params: nnx.State, arrays: dict[str, np.ndarray], plans: list[Plan], buckets: dict | None = None):
+        """Loss only (forward-only plans, e.g. evaluation: no gradient buffers are built)."""
+        ops, recv, ticks, sig = self.tables(plans, buckets)
+        return self._execute(params, arrays, ops, recv, ticks, sig)[0]
+
     def run_tables(self, params: nnx.State, arrays, ops, recv, n_ticks: int, sig: T.Signature):
         """Execute lowered tables as given (tests corrupt them on purpose)."""
+        loss, g_stacks, g_edges = self._execute(params, arrays, ops, recv, n_ticks, sig)
+        return loss, self.model_grads(params, g_stacks, g_edges)
+
+    def _execute(self, params, arrays, ops, recv, n_ticks, sig):
         stacks, masks, edges = self.stage_params(params)
         args = (stacks, masks, edges, self._put(self.replica_batch(arrays), P("data")),
                 self._put(ops, P("data", None, "pipe")), self._put(recv, P("data", None, "pipe")), jnp.int32(n_ticks))
-        loss, g_stacks, g_edges = self.cache.get(sig, *args)(*args)
-        return loss, self.model_grads(params, g_stacks, g_edges)
+        return self.cache.get(sig, *args)(*args)
 
     def _put(self, x, spec):
         return jax.device_put(jax.tree.map(jnp.asarray, x), NamedSharding(self.mesh, spec))

@@ -1,9 +1,40 @@
-"""`python -m dip_jax.train --config configs/X.py [--workdir DIR] [--config.section.field=value ...]`"""
+"""`python -m dip_jax.train --config configs/X.py [--workdir DIR] [--config.section.field=value ...]`
+
+Multi-process (one process per host, or per GPU): add `--coordinator HOST:PORT --num-processes N
+--process-id I` (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or
+`--distributed` to let jax detect the cluster (SLURM, Open MPI, TPU pods, Kubernetes).
+"""
 from __future__ import annotations
 
 import sys
 
-USAGE = "usage: python -m dip_jax.train --config configs/X.py [--workdir DIR] [--config.section.field=value ...]"
+USAGE = ("usage: python -m dip_jax.train --config configs/X.py [--workdir DIR] [--config.section.field=value ...]\n"
+         "       [--coordinator HOST:PORT --num-processes N --process-id I | --distributed]")
+DISTRIBUTED_FLAGS = {"--coordinator": str, "--num-processes": int, "--process-id": int}
+
+
+def _distributed_args(rest: list[str]) -> tuple[dict, list[str]]:
+    """Pull the multi-process flags out of the arguments the config parser did not take."""
+    from dip_jax.config import ConfigError
+    out, left, i = {}, [], 0
+    while i < len(rest):
+        name, _, value = rest[i].partition("=")
+        if name == "--distributed" and not value:
+            out["auto"] = True
+        elif name in DISTRIBUTED_FLAGS:
+            if not value:
+                if i + 1 >= len(rest):
+                    raise ConfigError(f"{name} needs a value")
+                i += 1
+                value = rest[i]
+            try:
+                out[name[2:].replace("-", "_")] = DISTRIBUTED_FLAGS[name](value)
+            except ValueError:
+                raise ConfigError(f"{name}: expected {DISTRIBUTED_FLAGS[name].__name__}, got {value!r}") from None
+        else:
+            left.append(rest[i])
+        i += 1
+    return out, left
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         path, workdir, overrides, rest = parse_config_args(argv)
+        distributed, rest = _distributed_args(rest)
         if rest:
             raise ConfigError(f"unknown argument {rest[0]!r}")
         if path is None:
@@ -23,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = apply_overrides(load_config_file(path), overrides)
         from dip_jax.runtime.mesh import configure_host_devices
         configure_host_devices()
+        from dip_jax.runtime.distributed import initialize
+        initialize(**distributed)
         from dip_jax.train.trainer import run
         run(cfg, workdir or f"runs/{cfg.model.name}")
     except ConfigError as e:

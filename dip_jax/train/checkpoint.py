@@ -1,9 +1,12 @@
-"""Orbax checkpoints of the train state together with the grain iterator position."""
+"""Orbax checkpoints of the train state together with the data-iterator position.
+
+The position saved is that after the batch the step trained, not the iterator's current one:
+the trainer fetches batches ahead of the step for the planner.
+"""
 from __future__ import annotations
 
 import pathlib
 
-import grain
 import orbax.checkpoint as ocp
 
 from dip_jax.config import CheckpointConfig
@@ -21,23 +24,25 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_iter, force: bool = False) -> bool:
+    def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
+        """`data_state`: the data iterator's `get_state()` right after this step's batch."""
         if not force and step % self.cfg.every:
             return False
         if self.manager.latest_step() == step:
             return False
         return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
 
     def restore(self, state, data_iter):
-        """Restore the latest checkpoint into `state`'s structure and shardings and into
-        `data_iter` (in place). Returns (state, step), or (state, None) if there is none."""
+        """Restore the latest checkpoint into `state`'s structure and shardings, and move
+        `data_iter` to the batch after the one trained last. Returns (state, step), or
+        (state, None) if there is none."""
         step = self.manager.latest_step()
         if step is None:
             return state, None
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state(state)),
-            data=grain.checkpoint.CheckpointRestore(data_iter)))
+            state=ocp.args.StandardRestore(abstract_state(state)), data=ocp.args.JsonRestore()))
+        data_iter.set_state(restored["data"])
         return restored["state"], step
 
     def close(self) -> None:

@@ -18,18 +18,24 @@ def _clean(v):
 
 
 class MetricsWriter:
-    def __init__(self, workdir: pathlib.Path, total_steps: int, start_step: int = 0, progress: bool = True):
+    """`enabled=False` (processes other than 0 of a multi-process run) writes nothing."""
+
+    def __init__(self, workdir: pathlib.Path, total_steps: int, start_step: int = 0, progress: bool = True,
+                 enabled: bool = True):
         self.path = workdir / "metrics.jsonl"
+        self.enabled = enabled
+        self.file = self.tb = None
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not progress, file=sys.stderr,
+                        dynamic_ncols=True, desc="train")
+        if not enabled:
+            return
         self._truncate_after(start_step)
         self.file = open(self.path, "a")
-        self.tb = None
         try:
             from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(str(workdir / "tensorboard"))
         except ImportError:
             pass
-        self.bar = tqdm(total=total_steps, initial=start_step, disable=not progress, file=sys.stderr,
-                        dynamic_ncols=True, desc="train")
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop lines past the restored step: they will be logged again, identically."""
@@ -40,6 +46,8 @@ class MetricsWriter:
 
     def write(self, kind: str, step: int, **fields) -> dict:
         record = {"kind": kind, "step": int(step), **{k: _clean(v) for k, v in fields.items()}}
+        if not self.enabled:
+            return record
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -55,6 +63,51 @@ class MetricsWriter:
 
     def close(self) -> None:
         self.bar.close()
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+class RunStats:
+    """What a run's summary reports: losses, and for pipelined runs how planning went."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+        self.records: list[dict] = []
+        self.plans = self.fallbacks = 0
+        self.wait_seconds = 0.0
+
+    def add_plan(self, plan) -> None:
+        if plan is not None:
+            self.plans += 1
+            self.fallbacks += plan.fallback is not None
+            self.wait_seconds += plan.wait_seconds
+
+    def add_record(self, record: dict) -> None:
+        self.losses.append(record["loss"])
+        if record.get("scheduler") is not None:
+            self.records.append(record)
+
+    def summary(self, wall_seconds: float) -> dict:
+        out = {"first_loss": self.losses[0] if self.losses else None,
+               "last_loss": self.losses[-1] if self.losses else None}
+        if not self.plans:
+            return out
+        mean = lambda k: sum(r[k] for r in self.records) / len(self.records) if self.records else None
+        last = self.records[-1] if self.records else {}
+        return {**out, "compiles": last.get("compiles"), "cache_hits": last.get("cache_hits"),
+                "planned_steps": self.plans, "plan_fallbacks": self.fallbacks,
+                "plan_fallback_fraction": self.fallbacks / self.plans,
+                "plan_wait_seconds": self.wait_seconds, "plan_wait_fraction": self.wait_seconds / wall_seconds,
+                "mean_plan_seconds": mean("plan_seconds"), "mean_bubble_fraction": mean("bubble_fraction"),
+                "mean_predicted_step_seconds": mean("predicted_step_seconds"),
+                "mean_measured_step_seconds": mean("step_seconds")}
+
+    @staticmethod
+    def table(summary: dict) -> str:
+        """The summary as an aligned two-column table for the terminal."""
+        fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+        width = max(len(k) for k in summary)
+        lines = [f"  {k:<{width}}  {fmt(v)}" for k, v in summary.items()]
+        return "dip_jax: run summary\n" + "\n".join(lines)

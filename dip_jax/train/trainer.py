@@ -1,9 +1,12 @@
-"""The training loop: data -> step -> metrics, checkpoints and evaluation.
+"""The training loop: data -> plan -> step -> metrics, timelines, checkpoints and evaluation.
 
-`run(cfg, workdir)` is what the CLI calls and what tests and notebooks call directly.
+`run(cfg, workdir)` is what the CLI calls and what tests and notebooks call directly. Batches
+are fetched `pipeline.plan_ahead` steps early so that their plans are searched in the background
+while earlier batches train.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -16,16 +19,16 @@ from flax import nnx
 
 from dip_jax.config import TrainConfig
 from dip_jax.data.pipeline import batch_dataset, train_iterator
+from dip_jax.runtime.distributed import broadcast_object
 from dip_jax.runtime.mesh import mesh_for
 from dip_jax.train.checkpoint import Checkpointer
 from dip_jax.train.evaluate import greedy_accuracy
-from dip_jax.train.metrics import MetricsWriter
+from dip_jax.train.metrics import MetricsWriter, RunStats
 from dip_jax.train.state import count_params, init_state
 from dip_jax.train.step import make_eval_loss, make_logits_fn, make_train_step, put_batch, replicated
 
-
 PLAN_FIELDS = ("scheduler", "predicted_step_seconds", "lower_bound_seconds", "bubble_fraction", "plan_seconds",
-               "plan_fallback", "compiles", "cache_hits")
+               "plan_fallback", "plan_fallback_reason", "plan_wait_seconds", "compiles", "cache_hits")
 
 
 def _eval_batch_count(cfg: TrainConfig, probe) -> int:
@@ -34,28 +37,90 @@ def _eval_batch_count(cfg: TrainConfig, probe) -> int:
 
 
 class Evaluator:
-    def __init__(self, cfg: TrainConfig, graphdef, mesh):
-        self.cfg, self.mesh = cfg, mesh
+    """Held-out loss (through the pipelined executor when one runs) and, for the digits task,
+    greedy decoding accuracy (decoding needs logits, so it uses the unpipelined model)."""
+
+    def __init__(self, cfg: TrainConfig, graphdef, mesh, pipelined=None):
+        self.cfg, self.mesh, self.pipelined = cfg, mesh, pipelined
         source = batch_dataset(cfg, "eval")
         first = source[0]
         self.batches = [first] + [source[i] for i in range(1, _eval_batch_count(cfg, first))]
         self.loss_fn = make_eval_loss(graphdef)
         self.logits_fn = make_logits_fn(graphdef)
 
+    def put(self, arrays):
+        return put_batch(arrays, self.mesh)
+
     def __call__(self, params) -> dict[str, float]:
-        put = lambda arrays: put_batch(arrays, self.mesh)
-        losses = [float(self.loss_fn(params, put(b.arrays))) for b in self.batches]
+        if self.pipelined is not None:
+            losses = [float(self.pipelined.eval_loss(params, b)) for b in self.batches]
+        else:
+            losses = [float(self.loss_fn(params, self.put(b.arrays))) for b in self.batches]
         out = {"eval_loss": float(np.mean(losses))}
         if self.cfg.data.task == "digits":
-            out.update(greedy_accuracy(self.logits_fn, params, self.batches, put))
+            out.update(greedy_accuracy(self.logits_fn, params, self.batches, self.put))
         return out
+
+
+class BatchFeed:
+    """Fetches batches ahead of the step and hands them to the planner as soon as they exist.
+
+    Yields (step, batch, data_state, plan): `data_state` is the iterator position just after the
+    batch (what a checkpoint of that step must hold); `plan` is None under the reference step.
+    """
+
+    def __init__(self, cfg: TrainConfig, data, start: int, planner=None, pipelined: bool = False):
+        self.cfg, self.data, self.planner, self.pipelined = cfg, data, planner, pipelined
+        self.queue: collections.deque = collections.deque()
+        self.next_step = start + 1
+        self.ahead = cfg.pipeline.plan_ahead if pipelined else 0
+
+    def _fill(self, upto: int) -> None:
+        while self.next_step <= min(upto, self.cfg.train.steps):
+            batch = next(self.data)
+            self.queue.append((self.next_step, batch, self.data.get_state()))
+            if self.planner is not None:
+                self.planner.submit(self.next_step, batch.metadata)
+            self.next_step += 1
+
+    def __iter__(self):
+        while True:
+            if not self.queue:
+                self._fill(self.next_step + self.ahead)
+            if not self.queue:
+                return
+            step, batch, data_state = self.queue.popleft()
+            self._fill(step + self.ahead)            # plans of later batches search while this one runs
+            plan = None
+            if self.pipelined:
+                plan = self.planner.get(step, batch.metadata) if self.planner is not None else None
+                plan = broadcast_object(plan)
+            yield step, batch, data_state, plan
+
+
+def _wants_timeline(cfg: TrainConfig, step: int, start: int) -> bool:
+    t = cfg.train
+    return step - start <= t.timeline_first or (t.timeline_every > 0 and step % t.timeline_every == 0)
+
+
+def _write_timeline(workdir: pathlib.Path, step: int, plan, measured: float) -> None:
+    from dip_jax.viz.timeline import write_png, write_trace
+    out = workdir / "timelines"
+    out.mkdir(exist_ok=True)
+    replica = max(range(len(plan.replicas)), key=lambda r: plan.replicas[r].timeline.iteration_seconds)
+    r = plan.replicas[replica]
+    title = f"step {step} ({plan.scheduler}, replica {replica})"
+    write_png(r.plan, r.timeline, out / f"step_{step}.png", title, measured_seconds=measured)
+    write_trace(r.plan, r.timeline, out / f"step_{step}.trace.json", f"{title}, measured {measured:.4g} s")
 
 
 def run(cfg: TrainConfig, workdir: str | pathlib.Path) -> dict:
     """Train (resuming from `workdir`'s latest checkpoint if there is one). Returns the summary."""
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
+    lead = jax.process_index() == 0
+    if lead:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
     mesh = mesh_for(cfg)
 
     graphdef, state, tx = init_state(cfg)
@@ -66,44 +131,67 @@ def run(cfg: TrainConfig, workdir: str | pathlib.Path) -> dict:
     if ckpt is not None:
         state, restored = ckpt.restore(state, data)
         start = restored or 0
-    if cfg.pipeline.schedule == "none":
-        reference = make_train_step(graphdef, tx)
-        step_fn = lambda state, batch, step: (*reference(state, put_batch(batch.arrays, mesh)), None)
-    else:
+    pipelined = cfg.pipeline.schedule != "none"
+    planner = None
+    if pipelined:
+        from dip_jax.plan.schedulers import PlanContext
         from dip_jax.train.pipelined import PipelinedStep
-        step_fn = PipelinedStep(cfg, nnx.merge(graphdef, state["params"]), mesh, tx)
-    evaluator = Evaluator(cfg, graphdef, mesh) if (cfg.train.eval_every or cfg.data.task == "digits") else None
-    log = MetricsWriter(workdir, cfg.train.steps, start, cfg.train.progress)
-    print(f"dip_jax: {cfg.model.name}, {count_params(state['params']):,} params, {len(mesh.devices.flat)} devices "
-          f"{dict(mesh.shape)}, steps {start}->{cfg.train.steps}, workdir {workdir}", flush=True)
+        from dip_jax.train.planning import Planner
+        planner = Planner(cfg) if lead else None        # other processes receive process 0's plans
+        step_fn = PipelinedStep(cfg, nnx.merge(graphdef, state["params"]), mesh, tx,
+                                planner.ctx if planner else PlanContext(cfg))
+    else:
+        reference = make_train_step(graphdef, tx)
+        step_fn = lambda state, batch, plan: reference(state, put_batch(batch.arrays, mesh))
+    evaluator = (Evaluator(cfg, graphdef, mesh, step_fn if pipelined else None)
+                 if (cfg.train.eval_every or cfg.data.task == "digits") else None)
+    log = MetricsWriter(workdir, cfg.train.steps, start, cfg.train.progress and lead, enabled=lead)
+    stats = RunStats()
+    if lead:
+        print(f"dip_jax: {cfg.model.name}, {count_params(state['params']):,} params, {len(mesh.devices.flat)} devices "
+              f"{dict(mesh.shape)} in {jax.process_count()} process(es), schedule {cfg.pipeline.schedule}, "
+              f"steps {start}->{cfg.train.steps}, workdir {workdir}", flush=True)
 
-    t_start, first_loss, last = time.perf_counter(), None, {}
+    t_start, final_eval = time.perf_counter(), {}
     try:
-        for step in range(start + 1, cfg.train.steps + 1):
+        for step, batch, data_state, plan in BatchFeed(cfg, data, start, planner, pipelined):
             t0 = time.perf_counter()
-            batch = next(data)
-            state, metrics, report = step_fn(state, batch, step)
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                metrics = {k: float(v) for k, v in metrics.items()}
-                plan = report.fields() if report is not None else dict.fromkeys(PLAN_FIELDS)
-                last = log.write("train", step, step_seconds=time.perf_counter() - t0, batch_index=batch.index,
-                                 samples=sum(len(mb) for mb in batch.metadata), **metrics, **plan)
-                first_loss = metrics["loss"] if first_loss is None else first_loss
+            state, metrics = step_fn(state, batch, plan)
+            stats.add_plan(plan)
+            timeline = lead and plan is not None and _wants_timeline(cfg, step, start)
+            if timeline or step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                metrics = {k: float(v) for k, v in metrics.items()}       # waits for the step
+                measured = time.perf_counter() - t0
+                fields = dict.fromkeys(PLAN_FIELDS)
+                if plan is not None:
+                    fields.update(plan.fields(), **step_fn.cache_fields)
+                    if plan.fallback:
+                        print(f"dip_jax: step {step}: planner fell back to {plan.scheduler} ({plan.fallback})",
+                              flush=True)
+                record = log.write("train", step, step_seconds=measured, batch_index=batch.index,
+                                   samples=sum(len(mb) for mb in batch.metadata), **metrics, **fields)
+                stats.add_record(record)
                 log.progress(step, loss=metrics["loss"])
+                if timeline:
+                    _write_timeline(workdir, step, plan, measured)
             if evaluator is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0 \
                     and step != cfg.train.steps:
                 log.write("eval", step, **evaluator(state["params"]))
             if ckpt is not None:
-                ckpt.save(step, state, data, force=step == cfg.train.steps)
-        final_eval = log.write("eval", cfg.train.steps, **evaluator(state["params"])) if evaluator else {}
+                ckpt.save(step, state, data_state, force=step == cfg.train.steps)
+        if evaluator is not None:
+            final_eval = log.write("eval", cfg.train.steps, **evaluator(state["params"]))
     finally:
         log.close()
         if ckpt is not None:
             ckpt.close()
-    summary = {"steps": cfg.train.steps, "resumed_from": start, "wall_seconds": time.perf_counter() - t_start,
-               "first_loss": first_loss, "last_loss": last.get("loss"), **{k: v for k, v in final_eval.items()
-                                                                            if k.startswith("eval")}}
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
-    print("dip_jax: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()),
-          flush=True)
+        if planner is not None:
+            planner.close()
+    wall = time.perf_counter() - t_start
+    summary = {"steps": cfg.train.steps, "resumed_from": start, "schedule": cfg.pipeline.schedule,
+               "wall_seconds": wall, **stats.summary(wall),
+               **{k: v for k, v in final_eval.items() if k.startswith("eval")}}
+    if lead:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(RunStats.table(summary), flush=True)
     return summary

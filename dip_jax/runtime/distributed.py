@@ -1,0 +1,60 @@
+"""Several processes, one program: `jax.distributed` set-up and broadcasting plans from process 0.
+
+Every process must run the same compiled program with the same tables (a mismatch hangs in the
+first collective), so only process 0 plans and the others receive its plans.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+
+from dip_jax.config import ConfigError
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, auto: bool = False) -> bool:
+    """Start `jax.distributed` from arguments or the environment (JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES, JAX_PROCESS_ID); `auto` lets jax detect a cluster (SLURM, Open MPI, TPU
+    pods, Kubernetes). Returns whether a multi-process run was started. Call before jax is used."""
+    env = os.environ
+    coordinator = coordinator or env.get("JAX_COORDINATOR_ADDRESS")
+    num_processes = num_processes if num_processes is not None else _int_env("JAX_NUM_PROCESSES")
+    process_id = process_id if process_id is not None else _int_env("JAX_PROCESS_ID")
+    if coordinator is None and num_processes is None and not auto:
+        return False
+    if not auto and (coordinator is None or num_processes is None or process_id is None):
+        raise ConfigError("distributed: --coordinator, --num-processes and --process-id go together "
+                          f"(got {coordinator!r}, {num_processes!r}, {process_id!r})")
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")   # CPU devices' collectives across processes
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+    return True
+
+
+def _int_env(name: str) -> int | None:
+    v = os.environ.get(name)
+    if v is None:
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise ConfigError(f"{name}: expected an integer, got {v!r}") from None
+
+
+def broadcast_object(obj):
+    """Process 0's `obj` on every process (pickled; sizes padded to powers of two so that only a
+    few broadcast programs compile). A no-op in a single-process run."""
+    import jax
+    if jax.process_count() == 1:
+        return obj
+    from jax.experimental import multihost_utils
+    lead = jax.process_index() == 0
+    payload = np.frombuffer(pickle.dumps(obj), np.uint8) if lead else np.zeros(0, np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.array([payload.size], np.int64))[0])
+    padded = 1 << max(10, (size - 1).bit_length())
+    buf = np.zeros(padded, np.uint8)
+    buf[:payload.size] = payload
+    buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    return obj if lead else pickle.loads(buf[:size].tobytes())

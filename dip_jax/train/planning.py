@@ -1,0 +1,149 @@
+"""Planning ahead: each batch's metadata goes to background planner processes while the
+accelerators run earlier batches; a plan that is late or fails is replaced by interleaved 1F1B.
+
+Imports no jax, so the worker processes start quickly and stay small.
+"""
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import multiprocessing.pool
+import time
+from typing import Sequence
+
+from dip_jax.config import TrainConfig
+from dip_jax.plan.schedule import Plan
+from dip_jax.plan.schedulers import PlanContext
+from dip_jax.plan.simulate import Timeline
+
+FALLBACK = "interleaved_1f1b"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaPlan:
+    plan: Plan
+    timeline: Timeline            # lock-step: what the executor does
+    plan_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """The plans of one batch (one per data replica) and how they were obtained."""
+    step: int
+    scheduler: str                # the scheduler that made them (FALLBACK after a fallback)
+    replicas: tuple[ReplicaPlan, ...]
+    fallback: str | None = None   # why the configured scheduler's plans were not used
+    wait_seconds: float = 0.0     # how long the step loop waited for them
+
+    @property
+    def slowest(self) -> ReplicaPlan:
+        return max(self.replicas, key=lambda r: r.timeline.iteration_seconds)
+
+    @property
+    def plans(self) -> list[Plan]:
+        return [r.plan for r in self.replicas]
+
+    def fields(self) -> dict:
+        """The plan fields of a metrics line."""
+        t = self.slowest.timeline
+        return {"scheduler": self.scheduler, "predicted_step_seconds": t.iteration_seconds,
+                "lower_bound_seconds": t.lower_bound_seconds, "bubble_fraction": t.bubble_fraction,
+                "plan_seconds": sum(r.plan_seconds for r in self.replicas), "plan_fallback": self.fallback is not None,
+                "plan_fallback_reason": self.fallback, "plan_wait_seconds": self.wait_seconds}
+
+
+def split_replicas(metadata: Sequence, replicas: int) -> list:
+    per = len(metadata) // replicas
+    return [metadata[r * per:(r + 1) * per] for r in range(replicas)]
+
+
+def plan_batch(ctx: PlanContext, step: int, metadata: Sequence, scheduler: str, forward_only: bool = False
+               ) -> tuple[ReplicaPlan, ...]:
+    """Plans for each replica's share of a batch; DIP's search is seeded by the step, so a
+    rollout budget makes the plans a pure function of (config, batch, step)."""
+    out = []
+    for mbs in split_replicas(metadata, ctx.cfg.mesh.data):
+        r = ctx.plan(mbs, scheduler, runtime=True, rollouts=ctx.cfg.pipeline.search_rollouts, seed=step,
+                     forward_only=forward_only)
+        out.append(ReplicaPlan(r.plan, r.lockstep, r.plan_seconds))
+    return tuple(out)
+
+
+# -- worker processes ---------------------------------------------------------------------
+_CTX: PlanContext | None = None
+
+
+def _init_worker(cfg: TrainConfig) -> None:
+    global _CTX
+    _CTX = PlanContext(cfg)
+
+
+def _plan_in_worker(step: int, metadata, fault: str | None):
+    p = _CTX.cfg.pipeline
+    if fault == "raise":
+        raise RuntimeError(f"planner fault injected at step {step}")
+    if fault == "late":
+        time.sleep(3600.0)                   # a search that never ends in time
+    return plan_batch(_CTX, step, metadata, p.schedule)
+
+
+class Planner:
+    """Plans batches of `cfg.pipeline.schedule` on `plan_workers` processes (0: inline).
+
+    `submit(step, metadata)` as soon as a batch is fetched; `get(step, metadata)` when it is
+    about to run. `get` waits at most `plan_deadline_seconds`; then it plans interleaved 1F1B
+    in this process (milliseconds), says why, and replaces the workers, since a worker stuck
+    on one batch would make every later plan late too.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.ctx = PlanContext(cfg)
+        self.faults = dict(cfg.pipeline.plan_faults)
+        self.requests: dict[int, Sequence] = {}
+        self.jobs: dict[int, multiprocessing.pool.AsyncResult] = {}
+        self.pool = None
+        if cfg.pipeline.plan_workers > 0:
+            self._start()
+
+    def _start(self) -> None:
+        # spawn, not fork: the parent runs XLA threads, which fork would copy mid-flight
+        self.pool = multiprocessing.get_context("spawn").Pool(self.cfg.pipeline.plan_workers, _init_worker,
+                                                              (self.cfg,))
+        self.jobs = {step: self._send(step, md) for step, md in self.requests.items()}
+
+    def _send(self, step: int, metadata: Sequence):
+        return self.pool.apply_async(_plan_in_worker, (step, metadata, self.faults.pop(step, None)))
+
+    def submit(self, step: int, metadata: Sequence) -> None:
+        self.requests[step] = metadata
+        if self.pool is not None:
+            self.jobs[step] = self._send(step, metadata)
+
+    def get(self, step: int, metadata: Sequence) -> BatchPlan:
+        t0 = time.perf_counter()
+        scheduler, reason, replicas = self.cfg.pipeline.schedule, None, None
+        deadline = self.cfg.pipeline.plan_deadline_seconds
+        try:
+            if self.requests.pop(step, None) is None:
+                raise LookupError(f"no plan was requested for step {step}")
+            if self.pool is None:
+                if self.faults.pop(step, None) == "raise":
+                    raise RuntimeError(f"planner fault injected at step {step}")
+                replicas = plan_batch(self.ctx, step, metadata, scheduler)
+            else:
+                replicas = self.jobs.pop(step).get(timeout=deadline)
+        except multiprocessing.TimeoutError:
+            reason = f"deadline: no {scheduler} plan after {deadline:g} s"
+            self.pool.terminate()
+            self._start()
+        except Exception as e:                       # a planner bug must not stop training
+            reason = f"error: {type(e).__name__}: {e}"
+        if reason is not None:
+            scheduler, replicas = FALLBACK, plan_batch(self.ctx, step, metadata, FALLBACK)
+        return BatchPlan(step, scheduler, replicas, reason, time.perf_counter() - t0)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool = None
