@@ -224,3 +224,22 @@ def test_frozen_encoder_gets_no_backward_and_no_gradient(encoders):
     for m in ("audio", "llm"):
         for g, r in zip(jax.tree.leaves(grads[m]), jax.tree.leaves(ref_grads[m])):
             np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-6)
+
+
+def test_forward_only_tables_give_the_reference_loss(everything):
+    """Evaluation's forward-only plans (no backward ops, no gradient buffers): the same loss."""
+    import dataclasses
+    fwd = dataclasses.replace(everything.partition, modules=tuple(
+        dataclasses.replace(m, backward=False) for m in everything.partition.modules))
+    plans = [search(fwd.graph(workload_from_metadata(everything.cfg, everything.batch.metadata[d * 4:(d + 1) * 4])),
+                    UNIT_COSTS, rollouts=2, seed=0)[0] for d in range(2)]
+    assert not any(op.kind == "B" for p in plans for ops in p.order for op in ops)
+    loss = everything.ex.loss(everything.params, everything.batch.arrays, plans, everything.buckets)
+    np.testing.assert_allclose(float(loss), float(everything.ref[0]), rtol=1e-5)
+    # negative control: switch off the forwards of the last busy tick (the loss head's) and it must differ
+    ops, recv, n_ticks, sig = everything.ex.tables(plans, everything.buckets)
+    last = max(t for t in range(ops.shape[1]) if ops[:, t, :, T.F_ON].any())
+    ops = ops.copy()
+    ops[:, last, :, T.F_ON] = 0
+    broken, _ = everything.ex.run_tables(everything.params, everything.batch.arrays, ops, recv, n_ticks, sig)
+    assert abs(float(broken) - float(everything.ref[0])) > 1e-3

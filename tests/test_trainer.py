@@ -66,9 +66,9 @@ def _wait_for_step(path, step, proc, timeout=300):
     raise AssertionError("timed out")
 
 
-def test_kill_9_and_resume_reproduces_uninterrupted_losses(tmp_path):
+def test_kill_9_and_resume_reproduces_uninterrupted_losses(tmp_path, xla_cache):
     """Under the shipped dip scheduler (plans are recomputed on resume, deterministically)."""
-    args = [*FAST, f"--config.pipeline.compile_cache_dir={tmp_path / 'xla'}"]
+    args = [*FAST, f"--config.pipeline.compile_cache_dir={xla_cache}"]
     ref = run_cli("dip_jax.train", *args, f"--workdir={tmp_path / 'ref'}")
     assert ref.returncode == 0, ref.stderr
     expected = _losses(tmp_path / "ref/metrics.jsonl")
@@ -128,7 +128,8 @@ def scheduler_runs(root, tmp_path_factory, xla_cache):
     tmp = tmp_path_factory.mktemp("schedulers")
     out = {}
     for sched in SCHEDULES:
-        cfg = _tiny(root, xla_cache, "train.steps=5", "checkpoint.every=4", f"pipeline.schedule={sched}")
+        evaluate = ["train.eval_every=5", "data.eval_samples=40"] if sched in ("none", "dip") else []
+        cfg = _tiny(root, xla_cache, "train.steps=5", "checkpoint.every=4", f"pipeline.schedule={sched}", *evaluate)
         out[sched] = (run(cfg, tmp / sched), _records(tmp / sched), tmp / sched)
     return out
 
@@ -144,6 +145,13 @@ def test_schedulers_log_the_same_losses(scheduler_runs):
             assert 0.0 <= r["bubble_fraction"] < 1.0 and r["predicted_step_seconds"] >= r["lower_bound_seconds"]
         assert summary["plan_fallbacks"] == 0 and summary["planned_steps"] == 5
         assert 0.0 <= summary["plan_wait_fraction"] < 1.0
+
+
+def test_eval_through_the_executor_equals_the_reference(scheduler_runs):
+    (ref,), (dip,) = _records(scheduler_runs["none"][2], "eval"), _records(scheduler_runs["dip"][2], "eval")
+    assert ref["step"] == dip["step"] == 5
+    np.testing.assert_allclose(dip["eval_loss"], ref["eval_loss"], rtol=1e-5)
+    assert scheduler_runs["dip"][0]["eval_loss"] == dip["eval_loss"]
 
 
 def test_timelines_and_summary(scheduler_runs):

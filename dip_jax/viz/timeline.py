@@ -1,6 +1,6 @@
 """Render a simulated plan: ranks x time, modules coloured, backward hatched, bubbles blank.
 
-Pure Python + matplotlib (Agg); the trace JSON opens in ui.perfetto.dev or chrome://tracing.
+Pure Python + matplotlib (a bare Figure: no pyplot state, the caller's backend untouched); the trace JSON opens in ui.perfetto.dev or chrome://tracing.
 """
 from __future__ import annotations
 
@@ -28,13 +28,12 @@ def write_trace(plan, timeline, path, title: str = "") -> None:
 
 
 def write_png(plan, timeline, path, title: str = "", measured_seconds: float | None = None) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     P = plan.graph.P
-    fig, ax = plt.subplots(figsize=(14, 0.45 * P + 1.6))
+    fig = Figure(figsize=(14, 0.45 * P + 1.6))
+    ax = fig.subplots()
     scale, unit = (1e3, "ms") if timeline.iteration_seconds < 10 else (1.0, "s")
     for r, ops in enumerate(plan.order):
         bars = [((timeline.start[o]) * scale, (timeline.end[o] - timeline.start[o]) * scale) for o in ops]
@@ -58,4 +57,3 @@ def write_png(plan, timeline, path, title: str = "", measured_seconds: float | N
     ax.set_xlim(0, timeline.iteration_seconds * scale * 1.01)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
