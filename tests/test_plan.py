@@ -53,6 +53,25 @@ def test_every_scheduler_produces_valid_plans(graph, seed):
     assert stats.best_seconds <= stats.default_seconds + 1e-12
 
 
+@settings(max_examples=40, deadline=None)
+@given(graphs(), st.integers(0, 1000), st.sampled_from([None, 12.0, 1e9]))
+def test_lockstep_list_scheduler_times_its_plans_exactly(graph, seed, cap):
+    """tick_ids' own lock-step time (the search's score) equals the simulator's for its order,
+    whatever the priorities; under a binding memory cap it defers to the simulator (None)."""
+    from dip_jax.plan.indexed import Indexed
+    from dip_jax.plan.interleave import tick_ids
+    from dip_jax.plan.simulate import iteration_seconds
+    ix = Indexed(graph, random_costs(graph, seed))
+    prio = list(range(ix.n))
+    random.Random(seed).shuffle(prio)
+    order, seconds = tick_ids(ix, prio, cap)
+    validate(ix.plan(order, "ticks"))
+    if seconds is None:
+        assert cap == 12.0
+    else:
+        assert seconds == pytest.approx(iteration_seconds(ix, order, "lockstep"), rel=1e-12)
+
+
 def _mixed_graph(P, M, V=1):
     return Graph(P, (ModuleChunks("mixed", P * V, (1,) * (P * V)),), tuple((1,) for _ in range(M)))
 

@@ -184,3 +184,55 @@ def interleave_ids(ix: Indexed, policy: Policy, prio: list[int] | None = None) -
                 queues[rs][is_b[s_]].push(s_, ready_at[s_], prio[s_])
                 cache[rs] = None
     return order
+
+
+def tick_ids(ix: Indexed, prio: list[int], memory_cap: float | None = None) -> tuple[list[list[int]], float | None]:
+    """Lock-step list scheduling: tick by tick, every rank runs its most urgent ready forward
+    (memory permitting) and its most urgent ready backward, the executor's tick model exactly.
+    Cheaper than `interleave_ids` and often better in lock-step, since it never plans around
+    asynchronous timing the executor does not have.
+
+    Returns (order, lock-step seconds). The simulator assigns this order the same ticks unless
+    the memory gate held a forward back; the seconds are then None (simulate to know)."""
+    P = ix.P
+    rank, is_b, succs, stored, pair, lat = ix.rank, ix.is_b, ix.succs, ix.stored, ix.pair, ix.lat
+    waiting = [len(p) for p in ix.preds]
+    ready: list[tuple[list, list]] = [([], []) for _ in range(P)]
+    for i in range(ix.n):
+        if waiting[i] == 0:
+            heapq.heappush(ready[rank[i]][is_b[i]], (prio[i], i))
+    live = list(ix.static)
+    order: list[list[int]] = [[] for _ in range(P)]
+    left, seconds, exact = ix.n, 0.0, True
+    while left:
+        picked = []
+        for gated in (True, False):                 # never stall: ignore memory if nothing can run
+            for r in range(P):
+                f, b = ready[r]
+                if f:
+                    if gated and memory_cap is not None and live[r] > memory_cap:
+                        exact = False
+                    else:
+                        picked.append(heapq.heappop(f)[1])
+                if b and gated:
+                    picked.append(heapq.heappop(b)[1])
+            if picked:
+                break
+        load = [0.0] * P
+        for i in picked:                            # forwards first within a tick, as executed
+            if not is_b[i]:
+                order[rank[i]].append(i)
+                live[rank[i]] += stored[i]
+        for i in picked:
+            load[rank[i]] += lat[i]
+            if is_b[i]:
+                order[rank[i]].append(i)
+                live[rank[i]] -= stored[pair[i]]
+        seconds += max(load) + ix.tick_overhead
+        left -= len(picked)
+        for i in picked:
+            for s in succs[i]:
+                waiting[s] -= 1
+                if waiting[s] == 0:
+                    heapq.heappush(ready[rank[s]][is_b[s]], (prio[s], s))
+    return order, (seconds if exact else None)

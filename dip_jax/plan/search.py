@@ -5,7 +5,7 @@ Groups of one module also keep microbatch order, so a priority sequence is an in
 the per-module sequences and each tree level chooses which module's next group comes first.
 Nodes keep the best score seen below them (not the mean); UCB = s^alpha + beta*sqrt(ln N/n).
 Rollouts complete a prefix at random (biased toward microbatch order), run the dual-queue
-interleaver and the lock-step simulator. Deterministic for a given seed and rollout budget.
+interleaver and the lock-step list scheduler, keep the better plan in the lock-step simulator. Deterministic for a given seed and rollout budget.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import random
 import time
 
 from dip_jax.plan.indexed import Indexed
-from dip_jax.plan.interleave import Policy, interleave_ids
+from dip_jax.plan.interleave import Policy, interleave_ids, tick_ids
 from dip_jax.plan.schedule import Graph, Plan
 from dip_jax.plan.simulate import Costs, iteration_seconds
 
@@ -104,8 +104,14 @@ def search(graph: Graph, costs: Costs, budget_seconds: float = 1.0, rollouts: in
             return None, cache[key]
         rank = {g: k for k, g in enumerate(_sequence(lanes, choices))}
         prio = [rank[group_of[i]] * ix.n + within[i] for i in range(ix.n)]
+        # two list schedulers, one scored lock-step: the better of the two is the rollout's plan
         order = interleave_ids(ix, policy, prio)
         t = iteration_seconds(ix, order, "lockstep")
+        ticked, t_ticked = tick_ids(ix, prio, memory_cap)
+        if t_ticked is None:
+            t_ticked = iteration_seconds(ix, ticked, "lockstep")
+        if t_ticked < t:
+            order, t = ticked, t_ticked
         cache[key] = t
         return order, t
 
