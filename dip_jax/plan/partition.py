@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from typing import Callable
 
 from dip_jax.config import ModelConfig
 from dip_jax.plan.cost import CostModel
@@ -95,13 +96,19 @@ class ModalityPartition:
                      tick_overhead=max(p2p.values()))
 
 
+PROBED_CANDIDATES = 6
+
+
 def dip_partition(model: ModelConfig, cost: CostModel, P: int, max_items: dict[str, int],
-                  frozen: tuple[str, ...] = (), align: bool = True) -> ModalityPartition:
+                  frozen: tuple[str, ...] = (), align: bool = True,
+                  probe: Callable[[ModalityPartition], float] | None = None) -> ModalityPartition:
     """DIP's partition. B_i is the smallest size within 95% of the best efficiency (sub-microbatches
     run padded to B_i, so larger sizes waste work). With `align` (the default), the segment
     counts K_i, the llm's included, are chosen so that every module's chunk op lasts as close as
     possible to the others, because a lock-step tick lasts as long as its slowest op; among
-    equally aligned choices the fewest chunks win. `align=False` is the paper's rule,
+    equally aligned choices the fewest chunks win. With a `probe` (seconds of a partition on
+    representative batches), the best aligned candidates are tried and the fastest wins: how well
+    chunks align is only a proxy for the lock-step time. `align=False` is the paper's rule,
     K_i = floor(T_i / T_min)."""
     bwd = backward_modules(model, frozen)
     unit, T = {}, {}
@@ -122,22 +129,24 @@ def dip_partition(model: ModelConfig, cost: CostModel, P: int, max_items: dict[s
         def chunk_times(name, K):
             return {T[name] * c / layers[name] for c in set(split_layers(layers[name], P * K))}
 
-        best_key, K_of = None, None
+        ranked = []
         for ks in itertools.product(*(range(1, kmax[name] + 1) for name in model.modules)):
             times = set().union(*(chunk_times(name, k) for name, k in zip(model.modules, ks)))
             spread = 1.0 - min(times) / max(times)       # lock-step waste between chunk ops
-            key = (round(spread, 2), sum(ks))            # then the fewest chunks
-            if best_key is None or key < best_key:
-                best_key, K_of = key, dict(zip(model.modules, ks))
+            ranked.append(((round(spread, 2), sum(ks)), ks))   # then the fewest chunks
+        ranked.sort()
+        shortlist = [ks for _, ks in ranked[:PROBED_CANDIDATES if probe else 1]]
     else:
         t_min = min(T.values())
-        K_of = {name: max(1, min(int(T[name] // t_min), kmax[name])) for name in model.modules}
-    choice = {name: (unit[name], K_of[name]) for name in model.modules}
-    mods = []
-    for name in model.modules:
-        b, K = choice[name]
-        mods.append(ModuleChunks(name, P * K, split_layers(module_layers(model, name), P * K), bwd[name], b))
-    return ModalityPartition(P, tuple(mods))
+        shortlist = [tuple(max(1, min(int(T[name] // t_min), kmax[name])) for name in model.modules)]
+
+    def build(ks):
+        return ModalityPartition(P, tuple(
+            ModuleChunks(name, P * K, split_layers(module_layers(model, name), P * K), bwd[name], unit[name])
+            for name, K in zip(model.modules, ks)))
+
+    candidates = [build(ks) for ks in shortlist]
+    return candidates[0] if len(candidates) == 1 else min(candidates, key=probe)
 
 
 # ---------------------------------------------------------------------------------------------

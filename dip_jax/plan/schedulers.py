@@ -19,7 +19,7 @@ from dip_jax.plan.cost import CostModel
 from dip_jax.plan.partition import (ModalityPartition, backward_modules, dip_partition, megatron_partition,
                                     static_best_partition)
 from dip_jax.plan.schedule import Plan, validate
-from dip_jax.plan.search import parallel_search
+from dip_jax.plan.search import default_seconds, parallel_search
 from dip_jax.plan.simulate import Costs, Timeline, simulate
 from dip_jax.plan.workload import Workload, workload_from_metadata
 
@@ -58,12 +58,24 @@ class PlanContext:
         self.cost = CostModel(cfg.model, self.hw, cfg.mesh.tensor, cfg.data.seq_len)
         d = cfg.data
         max_items = {"vision": d.max_images, "audio": d.max_audio_clips, "dit": d.max_video_clips}
-        self.partition: ModalityPartition = dip_partition(cfg.model, self.cost, cfg.mesh.pipe, max_items,
-                                                          cfg.optim.frozen)
         self.memory_cap = cfg.pipeline.memory_cap_gb * 1e9
+        self.partition: ModalityPartition = dip_partition(cfg.model, self.cost, cfg.mesh.pipe, max_items,
+                                                          cfg.optim.frozen, probe=self._probe())
         self.forward_partition = dataclasses.replace(
             self.partition, modules=tuple(dataclasses.replace(m, backward=False) for m in self.partition.modules))
         self._static = {}
+
+    def _probe(self):
+        """Scores a candidate partition on the config's first two synthetic batches (same for
+        every process that builds this context, so all agree on the partition)."""
+        if self.cfg.data.task != "synthetic":
+            return None
+        from dip_jax.data.pipeline import PackedBatches
+        source = PackedBatches(self.cfg, content=False)
+        per = self.cfg.data.microbatches // self.cfg.mesh.data
+        works = [self.workload(source.metadata(i)[:per]) for i in range(2)]
+        return lambda part: sum(default_seconds(part.graph(w), part.costs(self.cost, self.cfg.model), self.memory_cap)
+                                for w in works)
 
     def workload(self, microbatches: Sequence[Sequence[SampleMeta]]) -> Workload:
         return workload_from_metadata(self.cfg, microbatches)

@@ -15,7 +15,7 @@ import random
 import time
 
 from dip_jax.plan.indexed import Indexed
-from dip_jax.plan.interleave import Policy, interleave_ids, tick_ids
+from dip_jax.plan.interleave import Policy, default_priority, interleave_ids, priority_ranks, tick_ids
 from dip_jax.plan.schedule import Graph, Plan
 from dip_jax.plan.simulate import Costs, iteration_seconds
 
@@ -86,6 +86,23 @@ def _complete(lanes, prefix: list[int], rng: random.Random) -> list[int]:
     return choices
 
 
+def list_schedule(ix: Indexed, prio: list[int], policy: Policy) -> tuple[list[list[int]], float]:
+    """Two list schedulers for one priority, scored lock-step: the better plan and its seconds."""
+    order = interleave_ids(ix, policy, prio)
+    t = iteration_seconds(ix, order, "lockstep")
+    ticked, t_ticked = tick_ids(ix, prio, policy.memory_cap)
+    if t_ticked is None:
+        t_ticked = iteration_seconds(ix, ticked, "lockstep")
+    return (ticked, t_ticked) if t_ticked < t else (order, t)
+
+
+def default_seconds(graph: Graph, costs: Costs, memory_cap: float | None = None) -> float:
+    """Lock-step seconds of the search's starting point (microbatch order): a quick score."""
+    ix = Indexed(graph, costs)
+    return list_schedule(ix, priority_ranks(ix, default_priority(graph)),
+                         Policy("dip", lambda op: (), memory_cap=memory_cap))[1]
+
+
 def search(graph: Graph, costs: Costs, budget_seconds: float = 1.0, rollouts: int | None = None,
            seed: int = 0, memory_cap: float | None = None) -> tuple[Plan, SearchStats]:
     """Best plan found within `budget_seconds` (or exactly `rollouts` rollouts, deterministic)."""
@@ -103,15 +120,7 @@ def search(graph: Graph, costs: Costs, budget_seconds: float = 1.0, rollouts: in
         if key in cache:                     # a repeated sequence cannot beat the best
             return None, cache[key]
         rank = {g: k for k, g in enumerate(_sequence(lanes, choices))}
-        prio = [rank[group_of[i]] * ix.n + within[i] for i in range(ix.n)]
-        # two list schedulers, one scored lock-step: the better of the two is the rollout's plan
-        order = interleave_ids(ix, policy, prio)
-        t = iteration_seconds(ix, order, "lockstep")
-        ticked, t_ticked = tick_ids(ix, prio, memory_cap)
-        if t_ticked is None:
-            t_ticked = iteration_seconds(ix, ticked, "lockstep")
-        if t_ticked < t:
-            order, t = ticked, t_ticked
+        order, t = list_schedule(ix, [rank[group_of[i]] * ix.n + within[i] for i in range(ix.n)], policy)
         cache[key] = t
         return order, t
 

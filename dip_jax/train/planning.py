@@ -79,12 +79,11 @@ def _init_worker(cfg: TrainConfig) -> None:
 
 
 def _plan_in_worker(step: int, metadata, fault: str | None):
-    p = _CTX.cfg.pipeline
     if fault == "raise":
         raise RuntimeError(f"planner fault injected at step {step}")
     if fault == "late":
         time.sleep(3600.0)                   # a search that never ends in time
-    return plan_batch(_CTX, step, metadata, p.schedule)
+    return plan_batch(_CTX, step, metadata, _CTX.cfg.pipeline.schedule)
 
 
 class Planner:
