@@ -216,3 +216,24 @@ def test_parallel_search_is_deterministic_and_no_worse_than_one_worker():
     assert a.order == b.order and sa.rollouts == 12
     assert sa.best_seconds <= s1.best_seconds
     validate(a)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.0, 10.0), min_size=1, max_size=24), st.integers(1, 4))
+def test_replica_balance_is_a_permutation_with_equal_shares(seconds, replicas):
+    from dip_jax.plan.replicas import balance
+    order = balance(seconds, replicas)
+    assert sorted(order) == list(range(len(seconds)))
+    if len(seconds) % replicas == 0:
+        per = len(seconds) // replicas
+        shares = [order[r * per:(r + 1) * per] for r in range(replicas)]
+        assert all(s == sorted(s) for s in shares)          # original order within a replica
+        # longest-first greedy: the slowest replica exceeds the ideal by at most one microbatch
+        loads = [sum(seconds[i] for i in s) for s in shares]
+        assert max(loads) <= sum(seconds) / replicas + max(seconds) + 1e-9
+
+
+def test_replica_balance_spreads_heavy_microbatches():
+    from dip_jax.plan.replicas import balance
+    # contiguous halves would put both heavy microbatches on replica 0 (load 20 vs 2)
+    assert balance([10.0, 10.0, 1.0, 1.0], 2) == [0, 2, 1, 3]

@@ -77,6 +77,17 @@ class PlanContext:
         return lambda part: sum(default_seconds(part.graph(w), part.costs(self.cost, self.cfg.model), self.memory_cap)
                                 for w in works)
 
+    def microbatch_seconds(self, microbatches: Sequence[Sequence[SampleMeta]]) -> list[float]:
+        """Predicted compute of each microbatch on DIP's chunks (all ranks, forward + backward)."""
+        work = self.workload(microbatches)
+        per_sub = {}
+        for m in self.partition.modules:
+            kinds = ("F", "B") if m.backward else ("F",)
+            per_sub[m.name] = sum(self.cost.op_seconds(m.name, k, L, m.unit, c == 0, c == m.chunks - 1)
+                                  for c, L in enumerate(m.layers) for k in kinds)
+        return [sum(-(-work.count(mb, m.name) // m.unit) * per_sub[m.name] for m in self.partition.modules)
+                for mb in range(work.microbatches)]
+
     def workload(self, microbatches: Sequence[Sequence[SampleMeta]]) -> Workload:
         return workload_from_metadata(self.cfg, microbatches)
 

@@ -13,7 +13,7 @@ import optax
 from dip_jax.config import TrainConfig
 from dip_jax.data.collate import Batch
 from dip_jax.runtime.pipeline import PipelineExecutor
-from dip_jax.train.planning import BatchPlan, plan_batch
+from dip_jax.train.planning import BatchPlan, plan_batch, reorder
 
 
 class PipelinedStep:
@@ -27,14 +27,15 @@ class PipelinedStep:
         self._apply = jax.jit(functools.partial(_apply, tx), donate_argnums=0)
 
     def __call__(self, state, batch: Batch, plan: BatchPlan):
-        loss, grads = self.executor.value_and_grad(state["params"], batch.arrays, plan.plans)
+        loss, grads = self.executor.value_and_grad(state["params"], reorder(batch.arrays, plan.order), plan.plans)
         state, grad_norm = self._apply(state, grads)
         return state, {"loss": loss, "grad_norm": grad_norm}
 
     def eval_loss(self, params, batch: Batch):
         """Held-out loss of one batch through the executor (forward-only plans, no gradients)."""
-        replicas = plan_batch(self.ctx, batch.index, batch.metadata, self.cfg.pipeline.schedule, forward_only=True)
-        return self.executor.loss(params, batch.arrays, [r.plan for r in replicas])
+        order, replicas = plan_batch(self.ctx, batch.index, batch.metadata, self.cfg.pipeline.schedule,
+                                     forward_only=True)
+        return self.executor.loss(params, reorder(batch.arrays, order), [r.plan for r in replicas])
 
     @property
     def cache_fields(self) -> dict:

@@ -12,6 +12,7 @@ import time
 from typing import Sequence
 
 from dip_jax.config import TrainConfig
+from dip_jax.plan.replicas import balance
 from dip_jax.plan.schedule import Plan
 from dip_jax.plan.schedulers import PlanContext
 from dip_jax.plan.simulate import Timeline
@@ -32,6 +33,7 @@ class BatchPlan:
     step: int
     scheduler: str                # the scheduler that made them (FALLBACK after a fallback)
     replicas: tuple[ReplicaPlan, ...]
+    order: tuple[int, ...]        # microbatch i of the step is the batch's microbatch order[i]
     fallback: str | None = None   # why the configured scheduler's plans were not used
     wait_seconds: float = 0.0     # how long the step loop waited for them
 
@@ -52,21 +54,27 @@ class BatchPlan:
                 "plan_fallback_reason": self.fallback, "plan_wait_seconds": self.wait_seconds}
 
 
-def split_replicas(metadata: Sequence, replicas: int) -> list:
-    per = len(metadata) // replicas
-    return [metadata[r * per:(r + 1) * per] for r in range(replicas)]
-
-
 def plan_batch(ctx: PlanContext, step: int, metadata: Sequence, scheduler: str, forward_only: bool = False
-               ) -> tuple[ReplicaPlan, ...]:
-    """Plans for each replica's share of a batch; DIP's search is seeded by the step, so a
-    rollout budget makes the plans a pure function of (config, batch, step)."""
+               ) -> tuple[tuple[int, ...], tuple[ReplicaPlan, ...]]:
+    """(microbatch order, plans): the batch's microbatches are spread over the data replicas by
+    predicted time, then each replica's share is planned. DIP's search is seeded by the step,
+    so a rollout budget makes both a pure function of (config, batch, step)."""
+    D = ctx.cfg.mesh.data
+    order = tuple(balance(ctx.microbatch_seconds(metadata), D))
+    per = len(order) // D
     out = []
-    for mbs in split_replicas(metadata, ctx.cfg.mesh.data):
-        r = ctx.plan(mbs, scheduler, runtime=True, rollouts=ctx.cfg.pipeline.search_rollouts, seed=step,
-                     forward_only=forward_only)
-        out.append(ReplicaPlan(r.plan, r.lockstep, r.plan_seconds))
-    return tuple(out)
+    for r in range(D):
+        mbs = [metadata[i] for i in order[r * per:(r + 1) * per]]
+        res = ctx.plan(mbs, scheduler, runtime=True, rollouts=ctx.cfg.pipeline.search_rollouts, seed=step,
+                       forward_only=forward_only)
+        out.append(ReplicaPlan(res.plan, res.lockstep, res.plan_seconds))
+    return order, tuple(out)
+
+
+def reorder(arrays: dict, order: Sequence[int]) -> dict:
+    """Collated arrays (microbatch-major) in the given microbatch order; scalars as they are."""
+    idx = list(order)
+    return {k: v[idx] if getattr(v, "ndim", 0) else v for k, v in arrays.items()}
 
 
 # -- worker processes ---------------------------------------------------------------------
@@ -121,7 +129,7 @@ class Planner:
 
     def get(self, step: int, metadata: Sequence) -> BatchPlan:
         t0 = time.perf_counter()
-        scheduler, reason, replicas = self.cfg.pipeline.schedule, None, None
+        scheduler, reason, planned = self.cfg.pipeline.schedule, None, None
         deadline = self.cfg.pipeline.plan_deadline_seconds
         try:
             if self.requests.pop(step, None) is None:
@@ -129,9 +137,9 @@ class Planner:
             if self.pool is None:
                 if self.faults.pop(step, None) == "raise":
                     raise RuntimeError(f"planner fault injected at step {step}")
-                replicas = plan_batch(self.ctx, step, metadata, scheduler)
+                planned = plan_batch(self.ctx, step, metadata, scheduler)
             else:
-                replicas = self.jobs.pop(step).get(timeout=deadline)
+                planned = self.jobs.pop(step).get(timeout=deadline)
         except multiprocessing.TimeoutError:
             reason = f"deadline: no {scheduler} plan after {deadline:g} s"
             self.pool.terminate()
@@ -139,8 +147,9 @@ class Planner:
         except Exception as e:                       # a planner bug must not stop training
             reason = f"error: {type(e).__name__}: {e}"
         if reason is not None:
-            scheduler, replicas = FALLBACK, plan_batch(self.ctx, step, metadata, FALLBACK)
-        return BatchPlan(step, scheduler, replicas, reason, time.perf_counter() - t0)
+            scheduler, planned = FALLBACK, plan_batch(self.ctx, step, metadata, FALLBACK)
+        order, replicas = planned
+        return BatchPlan(step, scheduler, replicas, order, reason, time.perf_counter() - t0)
 
     def close(self) -> None:
         if self.pool is not None:
