@@ -52,17 +52,22 @@ class PlanResult:
 class PlanContext:
     """What stays fixed over a run: cost model, DIP partition, memory cap."""
 
-    def __init__(self, cfg: TrainConfig, hw_profile: str | None = None):
+    def __init__(self, cfg: TrainConfig, hw_profile: str | None = None, partition: ModalityPartition | None = None):
+        """`partition`: one already chosen for this config (skips probing candidates)."""
         self.cfg = cfg
         self.hw = hardware.load(hw_profile or cfg.pipeline.hardware)
         self.cost = CostModel(cfg.model, self.hw, cfg.mesh.tensor, cfg.data.seq_len)
         d = cfg.data
         max_items = {"vision": d.max_images, "audio": d.max_audio_clips, "dit": d.max_video_clips}
         self.memory_cap = cfg.pipeline.memory_cap_gb * 1e9
-        self.partition: ModalityPartition = dip_partition(cfg.model, self.cost, cfg.mesh.pipe, max_items,
-                                                          cfg.optim.frozen, probe=self._probe())
+        self.partition: ModalityPartition = partition or dip_partition(
+            cfg.model, self.cost, cfg.mesh.pipe, max_items, cfg.optim.frozen, probe=self._probe())
         self.forward_partition = dataclasses.replace(
             self.partition, modules=tuple(dataclasses.replace(m, backward=False) for m in self.partition.modules))
+        self._sub_seconds = {   # forward + backward of one sub-microbatch through all of a module's chunks
+            m.name: sum(self.cost.op_seconds(m.name, k, L, m.unit, c == 0, c == m.chunks - 1)
+                        for c, L in enumerate(m.layers) for k in (("F", "B") if m.backward else ("F",)))
+            for m in self.partition.modules}
         self._static = {}
 
     def _probe(self):
@@ -80,12 +85,7 @@ class PlanContext:
     def microbatch_seconds(self, microbatches: Sequence[Sequence[SampleMeta]]) -> list[float]:
         """Predicted compute of each microbatch on DIP's chunks (all ranks, forward + backward)."""
         work = self.workload(microbatches)
-        per_sub = {}
-        for m in self.partition.modules:
-            kinds = ("F", "B") if m.backward else ("F",)
-            per_sub[m.name] = sum(self.cost.op_seconds(m.name, k, L, m.unit, c == 0, c == m.chunks - 1)
-                                  for c, L in enumerate(m.layers) for k in kinds)
-        return [sum(-(-work.count(mb, m.name) // m.unit) * per_sub[m.name] for m in self.partition.modules)
+        return [sum(-(-work.count(mb, m.name) // m.unit) * self._sub_seconds[m.name] for m in self.partition.modules)
                 for mb in range(work.microbatches)]
 
     def workload(self, microbatches: Sequence[Sequence[SampleMeta]]) -> Workload:

@@ -5,7 +5,8 @@ Groups of one module also keep microbatch order, so a priority sequence is an in
 the per-module sequences and each tree level chooses which module's next group comes first.
 Nodes keep the best score seen below them (not the mean); UCB = s^alpha + beta*sqrt(ln N/n).
 Rollouts complete a prefix at random (biased toward microbatch order), run the dual-queue
-interleaver and the lock-step list scheduler, keep the better plan in the lock-step simulator. Deterministic for a given seed and rollout budget.
+interleaver and the lock-step list scheduler and keep the plan with the shorter lock-step time.
+Deterministic for a given seed and rollout budget.
 """
 from __future__ import annotations
 

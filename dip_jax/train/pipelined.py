@@ -25,6 +25,7 @@ class PipelinedStep:
                                          d.seq_len, cfg.pipeline.step_cache_size,
                                          cfg.pipeline.compile_cache_dir or None)
         self._apply = jax.jit(functools.partial(_apply, tx), donate_argnums=0)
+        self._eval_plans: dict[int, tuple] = {}     # eval batch index -> (order, plans): fixed batches
 
     def __call__(self, state, batch: Batch, plan: BatchPlan):
         loss, grads = self.executor.value_and_grad(state["params"], reorder(batch.arrays, plan.order), plan.plans)
@@ -33,9 +34,12 @@ class PipelinedStep:
 
     def eval_loss(self, params, batch: Batch):
         """Held-out loss of one batch through the executor (forward-only plans, no gradients)."""
-        order, replicas = plan_batch(self.ctx, batch.index, batch.metadata, self.cfg.pipeline.schedule,
-                                     forward_only=True)
-        return self.executor.loss(params, reorder(batch.arrays, order), [r.plan for r in replicas])
+        if batch.index not in self._eval_plans:
+            order, replicas = plan_batch(self.ctx, batch.index, batch.metadata, self.cfg.pipeline.schedule,
+                                         forward_only=True)
+            self._eval_plans[batch.index] = order, [r.plan for r in replicas]
+        order, plans = self._eval_plans[batch.index]
+        return self.executor.loss(params, reorder(batch.arrays, order), plans)
 
     @property
     def cache_fields(self) -> dict:

@@ -38,8 +38,13 @@ class BatchPlan:
     wait_seconds: float = 0.0     # how long the step loop waited for them
 
     @property
+    def slowest_index(self) -> int:
+        """The replica whose plan sets the step time."""
+        return max(range(len(self.replicas)), key=lambda r: self.replicas[r].timeline.iteration_seconds)
+
+    @property
     def slowest(self) -> ReplicaPlan:
-        return max(self.replicas, key=lambda r: r.timeline.iteration_seconds)
+        return self.replicas[self.slowest_index]
 
     @property
     def plans(self) -> list[Plan]:
@@ -81,9 +86,9 @@ def reorder(arrays: dict, order: Sequence[int]) -> dict:
 _CTX: PlanContext | None = None
 
 
-def _init_worker(cfg: TrainConfig) -> None:
+def _init_worker(cfg: TrainConfig, partition) -> None:
     global _CTX
-    _CTX = PlanContext(cfg)
+    _CTX = PlanContext(cfg, partition=partition)
 
 
 def _plan_in_worker(step: int, metadata, fault: str | None):
@@ -116,7 +121,7 @@ class Planner:
     def _start(self) -> None:
         # spawn, not fork: the parent runs XLA threads, which fork would copy mid-flight
         self.pool = multiprocessing.get_context("spawn").Pool(self.cfg.pipeline.plan_workers, _init_worker,
-                                                              (self.cfg,))
+                                                              (self.cfg, self.ctx.partition))
         self.jobs = {step: self._send(step, md) for step, md in self.requests.items()}
 
     def _send(self, step: int, metadata: Sequence):

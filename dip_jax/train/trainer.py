@@ -107,9 +107,8 @@ def _write_timeline(workdir: pathlib.Path, step: int, plan, measured: float) -> 
     from dip_jax.viz.timeline import write_png, write_trace
     out = workdir / "timelines"
     out.mkdir(exist_ok=True)
-    replica = max(range(len(plan.replicas)), key=lambda r: plan.replicas[r].timeline.iteration_seconds)
-    r = plan.replicas[replica]
-    title = f"step {step} ({plan.scheduler}, replica {replica})"
+    r = plan.slowest
+    title = f"step {step} ({plan.scheduler}, replica {plan.slowest_index})"
     write_png(r.plan, r.timeline, out / f"step_{step}.png", title, measured_seconds=measured)
     write_trace(r.plan, r.timeline, out / f"step_{step}.trace.json", f"{title}, measured {measured:.4g} s")
 

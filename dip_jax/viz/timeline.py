@@ -1,6 +1,7 @@
 """Render a simulated plan: ranks x time, modules coloured, backward hatched, bubbles blank.
 
-Pure Python + matplotlib (a bare Figure: no pyplot state, the caller's backend untouched); the trace JSON opens in ui.perfetto.dev or chrome://tracing.
+Pure Python + matplotlib (a bare Figure: no pyplot state, the caller's backend untouched); the
+trace JSON opens in ui.perfetto.dev or chrome://tracing.
 """
 from __future__ import annotations
 
