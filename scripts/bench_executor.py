@@ -28,7 +28,6 @@ import jax                                                   # noqa: E402
 import jax.numpy as jnp                                      # noqa: E402
 import numpy as np                                           # noqa: E402
 from flax import nnx                                         # noqa: E402
-from jax.sharding import PartitionSpec as P                  # noqa: E402
 
 from dip_jax.config import DataConfig, LLMConfig, MeshConfig, ModelConfig, TrainConfig, VisionConfig  # noqa: E402
 from dip_jax.data.pipeline import PackedBatches              # noqa: E402
@@ -85,21 +84,20 @@ def main() -> int:
     ex = PipelineExecutor(model, part, make_mesh(1, 1), {"vision": a.images}, a.seq)
     plan = schedule_baseline("1f1b", part.graph(workload_from_metadata(cfg, batch.metadata)), Costs(latency=lambda o: 1.0))
     ops, recv, n_ticks, sig = ex.tables([plan])
-    stacks, masks, edges = ex.stage_params(params)
-    args = [stacks, masks, edges, ex._put(ex.replica_batch(batch.arrays), P("data")),
-            ex._put(ops, P("data", None, "pipe")), ex._put(recv, P("data", None, "pipe")), jnp.int32(n_ticks)]
+    args = [ex.to_stage(params), ex.masks, *ex.device_inputs(batch.arrays, ops, recv, n_ticks)]
     t0 = time.perf_counter()
-    step = ex.cache.get(sig, *args)
+    step = ex.cache.get(("grads", sig), *args)
     compile_s = time.perf_counter() - t0
     t_exec = timed(lambda: step(*args), a.reps)
     t_plain = timed(lambda: plain(params, arrays), a.reps)
     t_remat = timed(lambda: remat(params, arrays), a.reps)
     # idle ticks: same program (a bigger table bucket would be another program: use this one)
     idle = [*args]
-    idle[4] = ex._put(np.zeros_like(ops), P("data", None, "pipe"))
+    idle[3] = ex.device_inputs(batch.arrays, np.zeros_like(ops), recv, 0)[1]
     T_max = ops.shape[1]
-    t_idle = timed(lambda: step(*idle[:6], jnp.int32(T_max)), a.reps)
-    t_zero = timed(lambda: step(*idle[:6], jnp.int32(0)), a.reps)
+    ticks = lambda n: ex.device_inputs(batch.arrays, ops, recv, n)[3]
+    t_idle = timed(lambda: step(*idle[:5], ticks(T_max)), a.reps)
+    t_zero = timed(lambda: step(*idle[:5], ticks(0)), a.reps)
     slot_bytes = {m: int(sum(np.prod(l.shape) * l.dtype.itemsize for l in jax.tree.leaves(ex.spec.carry[m])))
                   for m in ex.modules}
     res = {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,

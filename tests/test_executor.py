@@ -168,7 +168,7 @@ def test_hlo_loop_has_no_all_reduce_and_no_whole_buffer_copies(encoders):
     plans = encoders.plans(lambda g: schedule_baseline("gpipe", g, UNIT_COSTS))
     ops, recv, n_ticks, sig = encoders.ex.tables(plans, encoders.buckets)
     encoders.run(plans)                                  # compiled (or found) in the cache
-    hlo = encoders.ex.cache._programs[sig].as_text()
+    hlo = encoders.ex.cache._programs[("grads", sig)].as_text()
     comps = dict(re.findall(r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S | re.M))
     loops = [b for b in re.findall(r"body=%?([\w.\-]+)", hlo)
              if any("collective-permute" in comps.get(c, "") for c in _reachable(hlo, b))]
@@ -180,8 +180,8 @@ def test_hlo_loop_has_no_all_reduce_and_no_whole_buffer_copies(encoders):
     # no copy of a whole per-rank gradient/parameter stack: the llm holds K=2 chunks per rank, so
     # a copy of its [K, Lc, ...] stack would be a whole-buffer copy (for K=1 modules a chunk-sized
     # copy per backward op is the same size as the stack and is not what this guards against)
-    stacks = encoders.ex.stage_params(encoders.params)[0]
-    whole = {tuple(a.shape[1:]) for a in jax.tree.leaves(stacks["llm"])}
+    stacks = encoders.ex.to_stage(encoders.params)
+    whole = {tuple(a.shape[1:]) for a in jax.tree.leaves(stacks["llm"]["blocks"])}
     assert all(s[0] == K["llm"] > 1 for s in whole)
     copies = {tuple(int(x) for x in shape.split(",")) for shape in re.findall(r"= f32\[([\d,]+)\][^\n]* copy\(", body)}
     assert not copies & whole, f"whole gradient/parameter stack copied in the tick loop: {sorted(copies & whole)}"

@@ -22,10 +22,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
 from dip_jax.models.lmm import flow_loss_sum, flow_targets, lm_loss_sum
 from dip_jax.plan import tables as T
+from dip_jax.runtime import sharding as S
+from dip_jax.runtime.sharding import REPLICA, STAGE
+from dip_jax.runtime.stages import like
 
 row = lambda a, i: lax.dynamic_index_in_dim(a, i, 0, keepdims=False)
 put = lambda a, i, x: lax.dynamic_update_index_in_dim(a, x, i, 0)
@@ -44,9 +46,13 @@ def _where(c, a, b):
 
 
 def build_step(spec, sig: T.Signature, mesh):
-    """spec: runtime.pipeline.ExecSpec (module graphdefs, shapes). Returns the jitted step
+    """spec: runtime.pipeline.ExecSpec (module graphdefs, shapes). Returns the (unjitted) step
 
-    step(stacks, masks, edges, batch, ops, recv, n_ticks) -> (loss, grad_stacks, grad_edges)
+    step(params, masks, batch, ops, recv, n_ticks) -> (loss, grads)
+
+    `params`: per module, the stage-layout parameters (block stacks [P, K, Lc, ...] split over
+    the stages, other parameters replicated); `grads` has their layout, for the modules with
+    backward ops, reduced over the data replicas.
     """
     Pn = sig.P
     mods = sig.modules
@@ -117,12 +123,13 @@ def build_step(spec, sig: T.Signature, mesh):
             return row(bufs["cond"], aux)[idx]
         return None
 
-    def per_rank(stacks, masks, edges, batch, ops, recv, n_ticks):
-        stacks = {m: jax.tree.map(lambda a: a[0], s) for m, s in stacks.items()}
+    def per_rank(params, masks, batch, ops, recv, n_ticks):
+        stacks = {m: jax.tree.map(lambda a: a[0], params[m]["blocks"]) for m in mods}
+        edges = {m: nnx.State({k: v for k, v in params[m].items() if k != "blocks"}) for m in mods}
         masks = {m: a[0] for m, a in masks.items()}
         batch = jax.tree.map(lambda a: a[0], batch)
         ops, recv = ops[0, :, 0], recv[0, :, 0]
-        me = lax.axis_index("pipe")
+        me = lax.axis_index(STAGE)
         act = {m: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec.carry[m]) for m in mods}
         buf = lambda tree, n: jax.tree.map(lambda a: jnp.zeros((n + 1, *a.shape), a.dtype), tree)
         bufs = {"stash": {m: buf(act[m], slots[m][0]) for m in mods},
@@ -206,8 +213,8 @@ def build_step(spec, sig: T.Signature, mesh):
                 b_out[m] = (gx, payload)
             # communication: unconditional, every tick
             new = dict(bufs)
-            up = lambda x: lax.ppermute(x, "pipe", fwd_perm)
-            down = lambda x: lax.ppermute(x, "pipe", bwd_perm)
+            up = lambda x: lax.ppermute(x, STAGE, fwd_perm)
+            down = lambda x: lax.ppermute(x, STAGE, bwd_perm)
             stash, cot = dict(bufs["stash"]), dict(bufs.get("cot", {}))
             for m in mods:
                 stash[m] = jax.tree.map(lambda B_, y: put(B_, rc[cols[f"f:{m}"]], y), stash[m],
@@ -230,13 +237,22 @@ def build_step(spec, sig: T.Signature, mesh):
             return new, grads, loss
 
         bufs, grads, loss = lax.fori_loop(0, n_ticks, tick, (bufs, grads, jnp.zeros((), jnp.float32)))
-        loss = lax.psum(loss, ("pipe", "data"))
-        g_stacks = {m: jax.tree.map(lambda g: lax.psum(g, "data")[None], s) for m, s in grads["stacks"].items()}
-        g_edges = {m: jax.tree.map(lambda g: lax.psum(g, ("pipe", "data")), e) for m, e in grads["edges"].items()}
-        return loss, g_stacks, g_edges
+        loss = lax.psum(loss, (STAGE, REPLICA))
+        out = {}
+        for m in grads["stacks"]:
+            g = {"blocks": jax.tree.map(lambda g: lax.psum(g, REPLICA)[None], grads["stacks"][m])}
+            g.update(jax.tree.map(lambda g: lax.psum(g, (STAGE, REPLICA)), grads["edges"][m]))
+            out[m] = like(params[m], nnx.State(g))
+        return loss, out
 
-    table_spec = P("data", None, "pipe")
-    fn = jax.shard_map(per_rank, mesh=mesh, check_vma=False,
-                       in_specs=(P("pipe"), P("pipe"), P(), P("data"), table_spec, table_spec, P()),
-                       out_specs=(P(), P("pipe"), P()))
-    return jax.jit(fn)
+    def param_specs(tree):
+        return jax.tree_util.tree_map_with_path(lambda p, _: S.spec(*S.state_leaf_names(p, mods, True)), tree)
+
+    def step(params, masks, batch, ops, recv, n_ticks):
+        grads_like = {m: params[m] for m in mods if bwd[m]}
+        fn = jax.shard_map(per_rank, mesh=mesh, check_vma=False,
+                           in_specs=(param_specs(params), S.spec("stage"), S.spec(*S.REPLICA_BATCH),
+                                     S.spec(*S.TABLE), S.spec(*S.TABLE), S.spec(*S.SCALAR)),
+                           out_specs=(S.spec(*S.SCALAR), param_specs(grads_like)))
+        return fn(params, masks, batch, ops, recv, n_ticks)
+    return step

@@ -1,8 +1,9 @@
-"""Pipelined value_and_grad of an LMM: model params and a batch in, model-shaped grads out.
+"""The pipelined step of an LMM: tables, stage-layout state and compiled programs together.
 
-Ties together the partition (chunks), the tables of per-replica plans, the stage stacks and
-the compiled step cache, so that callers (the trainer, tests) see ordinary per-module
-parameters and gradients.
+Ties together the partition (chunks), the tables of per-replica plans, the stage layout and
+the compiled step cache. Training keeps its state in the stage layout (`train_step`: one
+program per step, state donated); `value_and_grad` and `loss` take and give model-layout
+parameters and gradients, for tests and notebooks.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dip_jax.models.lmm import LMM
 from dip_jax.plan import tables as T
@@ -21,7 +22,8 @@ from dip_jax.plan.partition import ModalityPartition
 from dip_jax.plan.schedule import Plan
 from dip_jax.runtime.cache import StepCache
 from dip_jax.runtime.executor import ENCODER_INPUT, build_step
-from dip_jax.runtime.stages import StageLayout, stack, unstack
+from dip_jax.runtime.sharding import REPLICA, REPLICA_BATCH, SCALAR, TABLE, named, state_shardings
+from dip_jax.runtime.stages import StageLayout, like, relayout
 
 is_blocks = lambda path, _: len(path) > 0 and path[0] == "blocks"
 CLIP_KEYS = ("latents", "noise", "t", "cond_idx", "cond_mask", "video_valid")
@@ -41,10 +43,13 @@ class ExecSpec:
 
 class PipelineExecutor:
     def __init__(self, model: LMM, partition: ModalityPartition, mesh, max_items: dict[str, int],
-                 seq_len: int, cache_size: int = 8, persistent_cache_dir: str | None = None):
-        self.partition, self.mesh = partition, mesh
+                 seq_len: int, cache_size: int = 8, persistent_cache_dir: str | None = None,
+                 tx: optax.GradientTransformation | None = None):
+        """`model`: the LMM, concrete or abstract (`nnx.eval_shape`): only its structure is
+        read. `tx`: the optimizer `train_step` applies."""
+        self.partition, self.mesh, self.tx = partition, mesh, tx
         self.P = partition.P
-        self.data = mesh.shape["data"]
+        self.data = mesh.shape[REPLICA]
         self.modules = tuple(m.name for m in partition.modules)
         self.layouts = {m.name: StageLayout(self.P, m.chunks // self.P, m.layers) for m in partition.modules}
         self.unit = {m.name: m.unit for m in partition.modules}
@@ -63,7 +68,9 @@ class PipelineExecutor:
                 bnd[m] = (self.subs[m], self.unit[m], t, cfg.llm.dim)
         self.spec = ExecSpec(graphdef, block_def, carry, bshape, bnd, cfg.llm.dim, cfg.dit_loss_weight)
         self._buckets: dict = {}
-        self.cache = StepCache(lambda sig: build_step(self.spec, sig, mesh), cache_size, persistent_cache_dir)
+        self._relayouts: dict = {}
+        self.masks = {m: jax.device_put(l.index()[1], named(mesh, "stage")) for m, l in self.layouts.items()}
+        self.cache = StepCache(self._build, cache_size, persistent_cache_dir)
 
     def _carry_shape(self, model, m, seq_len):
         module, u, cfg = getattr(model, m), self.unit[m], model.cfg
@@ -83,29 +90,26 @@ class PipelineExecutor:
         return jax.eval_shape(lambda s, x: nnx.merge(gd, s).embed(x), state, x)
 
     # -- parameters ----------------------------------------------------------------------
-    def stage_params(self, params: nnx.State):
-        """Model params -> (stacks [P, K, Lc, ...], layer masks, edge params), placed."""
-        stacks, masks, edges = {}, {}, {}
-        pipe = NamedSharding(self.mesh, P("pipe"))
-        rep = NamedSharding(self.mesh, P())
-        for m in self.modules:
-            state = params[m]
-            s, mask = stack(state["blocks"], self.layouts[m])
-            stacks[m] = jax.device_put(s, pipe)
-            masks[m] = jax.device_put(mask, pipe)
-            edges[m] = jax.device_put(nnx.State({k: v for k, v in state.items() if k != "blocks"}), rep)
-        return stacks, masks, edges
+    def state_shardings(self, tree, staged: bool = True):
+        """Shardings of a train-state tree in the stage layout (`staged`) or the model layout."""
+        return state_shardings(self.mesh, tree, self.modules, staged)
 
-    def model_grads(self, params: nnx.State, g_stacks, g_edges) -> nnx.State:
-        """Gradients in the model's layout (zeros for modules without backward)."""
-        grads = jax.tree.map(jnp.zeros_like, params)
-        for m in self.modules:
-            if m not in g_stacks:
-                continue
-            grads[m]["blocks"] = unstack(g_stacks[m], self.layouts[m])
-            for k, v in g_edges[m].items():
-                grads[m][k] = v
-        return grads
+    def to_stage(self, tree):
+        """Model-layout params (or any state tree) -> stage layout, placed (on device)."""
+        return self._relayout(tree, {m: None for m in self.layouts}, self.layouts, True)
+
+    def to_model(self, tree):
+        """Stage-layout tree -> model layout, replicated (on device)."""
+        return self._relayout(tree, self.layouts, {m: None for m in self.layouts}, False)
+
+    def _relayout(self, tree, src, dst, staged: bool):
+        key = (tuple(src.items()), tuple(dst.items()))
+        if key not in self._relayouts:
+            def convert(t):
+                out = relayout(t, src, dst)
+                return jax.lax.with_sharding_constraint(out, self.state_shardings(out, staged))
+            self._relayouts[key] = jax.jit(convert)
+        return self._relayouts[key](tree)
 
     # -- batch ---------------------------------------------------------------------------
     def replica_batch(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -150,28 +154,77 @@ class PipelineExecutor:
 
     def value_and_grad(self, params: nnx.State, arrays: dict[str, np.ndarray], plans: list[Plan],
                        buckets: dict | None = None):
-        """Loss and model-shaped gradients of the pipelined execution of `plans` (one per replica)."""
+        """Loss and model-shaped gradients of the pipelined execution of `plans` (one per
+        replica), for model-layout `params` (tests and notebooks; training keeps its state in
+        the stage layout and calls `train_step`)."""
         ops, recv, ticks, sig = self.tables(plans, buckets)
         return self.run_tables(params, arrays, ops, recv, ticks, sig)
 
     def loss(self, params: nnx.State, arrays: dict[str, np.ndarray], plans: list[Plan], buckets: dict | None = None):
-        """Loss only (forward-only plans, e.g. evaluation: no gradient buffers are built)."""
+        """Loss only (forward-only plans, e.g. evaluation: no gradient buffers are built), for
+        model-layout `params`."""
+        return self.stage_loss(self.to_stage(params), arrays, plans, buckets)
+
+    def stage_loss(self, params: nnx.State, arrays: dict[str, np.ndarray], plans: list[Plan],
+                   buckets: dict | None = None):
+        """Loss only, for stage-layout `params`."""
         ops, recv, ticks, sig = self.tables(plans, buckets)
-        return self._execute(params, arrays, ops, recv, ticks, sig)[0]
+        args = (params, self.masks, *self.device_inputs(arrays, ops, recv, ticks))
+        return self.cache.get(("grads", sig), *args)(*args)[0]
 
     def run_tables(self, params: nnx.State, arrays, ops, recv, n_ticks: int, sig: T.Signature):
-        """Execute lowered tables as given (tests corrupt them on purpose)."""
-        loss, g_stacks, g_edges = self._execute(params, arrays, ops, recv, n_ticks, sig)
-        return loss, self.model_grads(params, g_stacks, g_edges)
+        """Execute lowered tables as given (tests corrupt them on purpose); model layout in and out."""
+        staged = self.to_stage(params)
+        args = (staged, self.masks, *self.device_inputs(arrays, ops, recv, n_ticks))
+        loss, grads = self.cache.get(("grads", sig), *args)(*args)
+        grads = {m: grads[m] if m in grads else jax.tree.map(jnp.zeros_like, staged[m]) for m in staged}
+        return loss, self.to_model(like(staged, grads))
 
-    def _execute(self, params, arrays, ops, recv, n_ticks, sig):
-        stacks, masks, edges = self.stage_params(params)
-        args = (stacks, masks, edges, self._put(self.replica_batch(arrays), P("data")),
-                self._put(ops, P("data", None, "pipe")), self._put(recv, P("data", None, "pipe")), jnp.int32(n_ticks))
-        return self.cache.get(sig, *args)(*args)
+    # -- training -------------------------------------------------------------------------
+    def train_step(self, state: dict, arrays: dict[str, np.ndarray], plans: list[Plan], buckets: dict | None = None):
+        """One training step on a stage-layout state: the tick loop, the gradient reduction,
+        the gradient norm and the optimizer update run as one compiled program with the state
+        donated. Returns (state, {"loss", "grad_norm"}) with the metrics still on device."""
+        return self.run_train(state, *self.prepare(arrays, plans, buckets))
 
-    def _put(self, x, spec):
-        return jax.device_put(jax.tree.map(jnp.asarray, x), NamedSharding(self.mesh, spec))
+    def prepare(self, arrays: dict[str, np.ndarray], plans: list[Plan], buckets: dict | None = None):
+        """(the step's device inputs, transferred, and their signature) for `run_train`."""
+        ops, recv, ticks, sig = self.tables(plans, buckets)
+        return self.device_inputs(arrays, ops, recv, ticks), sig
+
+    def run_train(self, state: dict, inputs: tuple, sig: T.Signature):
+        """The compiled step on inputs already on device: nothing else crosses to the devices."""
+        args = (state, self.masks, *inputs)
+        return self.cache.get(("train", sig), *args)(*args)
+
+    def device_inputs(self, arrays, ops, recv, n_ticks: int):
+        """The per-step inputs, transferred explicitly: batch, tables, tick count."""
+        return (self._put(self.replica_batch(arrays), REPLICA_BATCH), self._put(ops, TABLE),
+                self._put(recv, TABLE), self._put(np.int32(n_ticks), SCALAR))
+
+    def _build(self, key):
+        kind, sig = key
+        core = build_step(self.spec, sig, self.mesh)
+        if kind == "grads":
+            return jax.jit(core)
+        if self.tx is None:
+            raise ValueError("train_step needs the optimizer: PipelineExecutor(..., tx=...)")
+        tx = self.tx
+
+        def train(state, masks, batch, ops, recv, n_ticks):
+            params = state["params"]
+            loss, grads = core(params, masks, batch, ops, recv, n_ticks)
+            # frozen modules have no backward ops: their (zero) gradients are made here
+            grads = like(params, {m: grads[m] if m in grads else jax.tree.map(jnp.zeros_like, params[m])
+                                  for m in params})
+            updates, opt_state = tx.update(grads, state["opt_state"], params)
+            new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+                   "step": state["step"] + 1, "rng": state["rng"]}
+            return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return jax.jit(train, donate_argnums=0)
+
+    def _put(self, x, names):
+        return jax.device_put(x, named(self.mesh, *names))
 
 
 def _pad_axis1(a: np.ndarray, n: int, fill) -> np.ndarray:

@@ -10,9 +10,8 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-BATCH_AXES = ("data", "pipe")
+from dip_jax.runtime.sharding import SCALAR, named
 
 
 def loss_fn(graphdef, params, batch):
@@ -46,11 +45,7 @@ def make_logits_fn(graphdef):
     return logits
 
 
-def replicated(mesh):
-    return NamedSharding(mesh, P())
-
-
 def put_batch(arrays: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     """Microbatch-major arrays are split over every device; scalars are replicated."""
-    split = NamedSharding(mesh, P(BATCH_AXES))
-    return {k: jax.device_put(v, split if np.ndim(v) else replicated(mesh)) for k, v in arrays.items()}
+    split, scalar = named(mesh, "batch"), named(mesh, *SCALAR)
+    return {k: jax.device_put(v, split if np.ndim(v) else scalar) for k, v in arrays.items()}

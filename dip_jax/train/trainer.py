@@ -24,8 +24,9 @@ from dip_jax.runtime.mesh import mesh_for
 from dip_jax.train.checkpoint import Checkpointer
 from dip_jax.train.evaluate import greedy_accuracy
 from dip_jax.train.metrics import MetricsWriter, RunStats
-from dip_jax.train.state import count_params, init_state
-from dip_jax.train.step import make_eval_loss, make_logits_fn, make_train_step, put_batch, replicated
+from dip_jax.train.optim import build_optimizer
+from dip_jax.train.state import abstract_model, count_params, create_state, model_layouts, state_bytes
+from dip_jax.train.step import make_eval_loss, make_logits_fn, make_train_step, put_batch
 
 PLAN_FIELDS = ("scheduler", "predicted_step_seconds", "lower_bound_seconds", "bubble_fraction", "plan_seconds",
                "plan_fallback", "plan_fallback_reason", "plan_wait_seconds", "compiles", "cache_hits")
@@ -58,7 +59,8 @@ class Evaluator:
             losses = [float(self.loss_fn(params, self.put(b.arrays))) for b in self.batches]
         out = {"eval_loss": float(np.mean(losses))}
         if self.cfg.data.task == "digits":
-            out.update(greedy_accuracy(self.logits_fn, params, self.batches, self.put))
+            model_params = self.pipelined.model_params(params) if self.pipelined is not None else params
+            out.update(greedy_accuracy(self.logits_fn, model_params, self.batches, self.put))
         return out
 
 
@@ -113,6 +115,10 @@ def _write_timeline(workdir: pathlib.Path, step: int, plan, measured: float) -> 
     write_trace(r.plan, r.timeline, out / f"step_{step}.trace.json", f"{title}, measured {measured:.4g} s")
 
 
+def _gb(n: int) -> str:
+    return f"{n / 2 ** 30:.3f} GiB" if n >= 2 ** 27 else f"{n / 2 ** 20:.2f} MiB"
+
+
 def run(cfg: TrainConfig, workdir: str | pathlib.Path) -> dict:
     """Train (resuming from `workdir`'s latest checkpoint if there is one). Returns the summary."""
     workdir = pathlib.Path(workdir)
@@ -122,14 +128,8 @@ def run(cfg: TrainConfig, workdir: str | pathlib.Path) -> dict:
         (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
     mesh = mesh_for(cfg)
 
-    graphdef, state, tx = init_state(cfg)
-    state = jax.device_put(state, replicated(mesh))
-    data = train_iterator(cfg)
-    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint) if cfg.checkpoint.enabled else None
-    start = 0
-    if ckpt is not None:
-        state, restored = ckpt.restore(state, data)
-        start = restored or 0
+    graphdef, model = abstract_model(cfg)
+    tx = build_optimizer(cfg.optim, cfg.train.steps, cfg.model.modules)
     pipelined = cfg.pipeline.schedule != "none"
     planner = None
     if pipelined:
@@ -137,19 +137,32 @@ def run(cfg: TrainConfig, workdir: str | pathlib.Path) -> dict:
         from dip_jax.train.pipelined import PipelinedStep
         from dip_jax.train.planning import Planner
         planner = Planner(cfg) if lead else None        # other processes receive process 0's plans
-        step_fn = PipelinedStep(cfg, nnx.merge(graphdef, state["params"]), mesh, tx,
-                                planner.ctx if planner else PlanContext(cfg))
+        step_fn = PipelinedStep(cfg, model, mesh, tx, planner.ctx if planner else PlanContext(cfg))
+        layouts = step_fn.layouts
     else:
         reference = make_train_step(graphdef, tx)
         step_fn = lambda state, batch, plan: reference(state, put_batch(batch.arrays, mesh))
+        layouts = model_layouts(cfg)
+    state = create_state(cfg, tx, mesh, layouts)
+    data = train_iterator(cfg)
+    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint, layouts, mesh) if cfg.checkpoint.enabled else None
+    start = 0
+    if ckpt is not None:
+        state, restored = ckpt.restore(state, data)
+        start = restored or 0
     evaluator = (Evaluator(cfg, graphdef, mesh, step_fn if pipelined else None)
                  if (cfg.train.eval_every or cfg.data.task == "digits") else None)
     log = MetricsWriter(workdir, cfg.train.steps, start, cfg.train.progress and lead, enabled=lead)
     stats = RunStats()
+    bytes_total, bytes_device = state_bytes(state, layouts)
+    placement = {"mesh": dict(mesh.shape), "devices": int(mesh.devices.size), "state_bytes_total": bytes_total,
+                 "state_bytes_per_device_max": bytes_device}
     if lead:
-        print(f"dip_jax: {cfg.model.name}, {count_params(state['params']):,} params, {len(mesh.devices.flat)} devices "
+        print(f"dip_jax: {cfg.model.name}, {count_params(nnx.state(model)):,} params, {len(mesh.devices.flat)} devices "
               f"{dict(mesh.shape)} in {jax.process_count()} process(es), schedule {cfg.pipeline.schedule}, "
               f"steps {start}->{cfg.train.steps}, workdir {workdir}", flush=True)
+        print(f"dip_jax: state (params + optimizer) {_gb(bytes_total)} in all, at most {_gb(bytes_device)} "
+              f"on one device", flush=True)
 
     t_start, final_eval = time.perf_counter(), {}
     try:
@@ -188,7 +201,7 @@ def run(cfg: TrainConfig, workdir: str | pathlib.Path) -> dict:
             planner.close()
     wall = time.perf_counter() - t_start
     summary = {"steps": cfg.train.steps, "resumed_from": start, "schedule": cfg.pipeline.schedule,
-               "wall_seconds": wall, **stats.summary(wall),
+               **placement, "wall_seconds": wall, **stats.summary(wall),
                **{k: v for k, v in final_eval.items() if k.startswith("eval")}}
     if lead:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
