@@ -16,6 +16,7 @@ from dip_jax.train.state import abstract_state
 class Checkpointer:
     def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig):
         self.cfg = cfg
+        self.directory = pathlib.Path(directory).absolute()
         self.manager = ocp.CheckpointManager(
             pathlib.Path(directory).absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True),
@@ -33,11 +34,22 @@ class Checkpointer:
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
 
-    def restore(self, state, data_iter):
-        """Restore the latest checkpoint into `state`'s structure and shardings, and move
-        `data_iter` to the batch after the one trained last. Returns (state, step), or
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def reload(self) -> None:
+        """Re-read the directory (after a checkpoint was moved away)."""
+        self.manager.reload()
+
+    def wait(self) -> None:
+        """Block until a background save is written; raises its error if it failed."""
+        self.manager.wait_until_finished()
+
+    def restore(self, state, data_iter, step: int | None = None):
+        """Restore the latest checkpoint (or `step`) into `state`'s structure and shardings, and
+        move `data_iter` to the batch after the one trained last. Returns (state, step), or
         (state, None) if there is none."""
-        step = self.manager.latest_step()
+        step = self.manager.latest_step() if step is None else step
         if step is None:
             return state, None
         restored = self.manager.restore(step, args=ocp.args.Composite(

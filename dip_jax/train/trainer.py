@@ -19,11 +19,17 @@ from flax import nnx
 
 from dip_jax.config import TrainConfig
 from dip_jax.data.pipeline import batch_dataset, train_iterator
-from dip_jax.runtime.distributed import broadcast_object
+from dip_jax.runtime.distributed import broadcast_plan
 from dip_jax.runtime.mesh import mesh_for
 from dip_jax.train.checkpoint import Checkpointer
+from dip_jax.train.checkpoint_guard import CheckpointGuard
+from dip_jax.train.errors import RunStopped
 from dip_jax.train.evaluate import greedy_accuracy
-from dip_jax.train.metrics import MetricsWriter, RunStats
+from dip_jax.train.interrupt import Interrupts
+from dip_jax.train.metrics import MetricsWriter, RunStats, read_records
+from dip_jax.train.nonfinite import NonfiniteMonitor
+from dip_jax.train.preflight import check_state_fits
+from dip_jax.train.workdir import workdir_session
 from dip_jax.train.state import count_params, init_state
 from dip_jax.train.step import make_eval_loss, make_logits_fn, make_train_step, put_batch, replicated
 
@@ -94,7 +100,7 @@ class BatchFeed:
             plan = None
             if self.pipelined:
                 plan = self.planner.get(step, batch.metadata) if self.planner is not None else None
-                plan = broadcast_object(plan)
+                plan = broadcast_plan(plan)
             yield step, batch, data_state, plan
 
 
@@ -114,22 +120,50 @@ def _write_timeline(workdir: pathlib.Path, step: int, plan, measured: float) -> 
 
 
 def run(cfg: TrainConfig, workdir: str | pathlib.Path) -> dict:
-    """Train (resuming from `workdir`'s latest checkpoint if there is one). Returns the summary."""
+    """Train (resuming from `workdir`'s newest good checkpoint if there is one). Returns the
+    summary. Raises RunStopped (with an exit code) when the run is interrupted or must stop."""
     workdir = pathlib.Path(workdir)
     lead = jax.process_index() == 0
+    with Interrupts() as interrupts, workdir_session(cfg, workdir, lead):
+        return _run(cfg, workdir, lead, interrupts)
+
+
+def _finished(cfg: TrainConfig, workdir: pathlib.Path, step: int, lead: bool) -> dict:
+    """A rerun of a finished run changes nothing, its summary included."""
     if lead:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
+        print(f"dip_jax: already at step {step} of {cfg.train.steps}; nothing to do ({workdir})", flush=True)
+    path = workdir / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else {"steps": cfg.train.steps, "resumed_from": step}
+
+
+def _stop_after_interrupt(interrupts, ckpt, step: int, start: int, state, data_state) -> RunStopped:
+    if ckpt is None:
+        done = "checkpointing is off (checkpoint.enabled=false)"
+    elif step > start:
+        ckpt.save(step, state, data_state, force=True, wait=True)
+        done = "checkpoint saved"
+    else:
+        done = "no step trained since the last checkpoint"
+    return RunStopped(f"interrupted at step {step}, {done}, rerun the same command to resume",
+                      exit_code=interrupts.exit_code)
+
+
+def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interrupts) -> dict:
     mesh = mesh_for(cfg)
+    check_state_fits(cfg, [d for d in mesh.devices.flat if d.process_index == jax.process_index()])
 
     graphdef, state, tx = init_state(cfg)
     state = jax.device_put(state, replicated(mesh))
     data = train_iterator(cfg)
-    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint) if cfg.checkpoint.enabled else None
+    ckpt = (CheckpointGuard(Checkpointer(workdir / "checkpoints", cfg.checkpoint), lead)
+            if cfg.checkpoint.enabled else None)
     start = 0
     if ckpt is not None:
         state, restored = ckpt.restore(state, data)
         start = restored or 0
+    if start >= cfg.train.steps:
+        ckpt.close()
+        return _finished(cfg, workdir, start, lead)
     pipelined = cfg.pipeline.schedule != "none"
     planner = None
     if pipelined:
@@ -146,17 +180,21 @@ def run(cfg: TrainConfig, workdir: str | pathlib.Path) -> dict:
                  if (cfg.train.eval_every or cfg.data.task == "digits") else None)
     log = MetricsWriter(workdir, cfg.train.steps, start, cfg.train.progress and lead, enabled=lead)
     stats = RunStats()
+    stats.add_history(read_records(workdir / "metrics.jsonl", start) if lead and start else [])
+    guard = NonfiniteMonitor(cfg.train)
     if lead:
         print(f"dip_jax: {cfg.model.name}, {count_params(state['params']):,} params, {len(mesh.devices.flat)} devices "
               f"{dict(mesh.shape)} in {jax.process_count()} process(es), schedule {cfg.pipeline.schedule}, "
               f"steps {start}->{cfg.train.steps}, workdir {workdir}", flush=True)
 
     t_start, final_eval = time.perf_counter(), {}
+    step = start
     try:
         for step, batch, data_state, plan in BatchFeed(cfg, data, start, planner, pipelined):
             t0 = time.perf_counter()
             state, metrics = step_fn(state, batch, plan)
             stats.add_plan(plan)
+            finite = guard.observe(step, {k: float(metrics[k]) for k in ("loss", "grad_norm")})   # waits
             timeline = lead and plan is not None and _wants_timeline(cfg, step, start)
             if timeline or step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 metrics = {k: float(v) for k, v in metrics.items()}       # waits for the step
@@ -176,7 +214,10 @@ def run(cfg: TrainConfig, workdir: str | pathlib.Path) -> dict:
             if evaluator is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0 \
                     and step != cfg.train.steps:
                 log.write("eval", step, **evaluator(state["params"]))
-            if ckpt is not None:
+            guard.check_stop(ckpt.latest_step() if ckpt is not None else None)
+            if interrupts.requested:
+                raise _stop_after_interrupt(interrupts, ckpt, step, start, state, data_state)
+            if ckpt is not None and finite:
                 ckpt.save(step, state, data_state, force=step == cfg.train.steps)
         if evaluator is not None:
             final_eval = log.write("eval", cfg.train.steps, **evaluator(state["params"]))
