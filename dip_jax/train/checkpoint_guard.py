@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import pathlib
 import shutil
+import threading
 
 from dip_jax.train.errors import RunStopped
 
@@ -47,6 +48,18 @@ class CheckpointGuard:
         self.pending: int | None = None      # a save that may still be writing in the background
         self.last_good: int | None = None
         self.failed = False
+        # a background save that fails also dies in its thread, whose default hook prints the
+        # whole traceback; the same error is raised again by `wait`, where it becomes one line
+        self._hook = threading.excepthook
+        threading.excepthook = self._quiet_save_threads
+
+    def _quiet_save_threads(self, args) -> None:
+        tb, frames = args.exc_traceback, []
+        while tb is not None:
+            frames.append(tb.tb_frame.f_code.co_filename)
+            tb = tb.tb_next
+        if not any("orbax" in f for f in frames):
+            self._hook(args)
 
     @property
     def directory(self) -> pathlib.Path:
@@ -94,6 +107,8 @@ class CheckpointGuard:
             except Exception:
                 if not self.failed:           # an earlier failure was already reported
                     raise
+            finally:
+                threading.excepthook = self._hook
 
     # -- restoring -------------------------------------------------------------------------
     def restore(self, state, data_iter):

@@ -101,6 +101,11 @@ class RunStats:
         self.records: list[dict] = []
         self.plans = self.fallbacks = 0
         self.wait_seconds = 0.0
+        self.truncated = self.skipped = 0        # over-long samples (data.oversize)
+
+    def add_oversize(self, counts: tuple[int, int]) -> None:
+        self.truncated += counts[0]
+        self.skipped += counts[1]
 
     def add_plan(self, plan) -> None:
         if plan is not None:
@@ -112,6 +117,7 @@ class RunStats:
         """Train lines of the run before it resumed (plan counts assume they logged every step)."""
         for r in records:
             self.add_record(r)
+            self.add_oversize((r.get("samples_truncated") or 0, r.get("samples_skipped") or 0))
             if r.get("scheduler") is not None:
                 self.plans += 1
                 self.fallbacks += bool(r.get("plan_fallback"))
@@ -124,7 +130,8 @@ class RunStats:
 
     def summary(self, wall_seconds: float) -> dict:
         out = {"first_loss": self.losses[0] if self.losses else None,
-               "last_loss": self.losses[-1] if self.losses else None}
+               "last_loss": self.losses[-1] if self.losses else None,
+               "samples_truncated": self.truncated, "samples_skipped": self.skipped}
         if not self.plans:
             return out
         mean = lambda k: sum(r[k] for r in self.records) / len(self.records) if self.records else None

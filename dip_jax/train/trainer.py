@@ -18,6 +18,8 @@ import numpy as np
 from flax import nnx
 
 from dip_jax.config import TrainConfig
+from dip_jax.data.oversize import OversizeCounts
+from dip_jax.data.packing import Budget
 from dip_jax.data.pipeline import batch_dataset, train_iterator
 from dip_jax.runtime.distributed import broadcast_plan
 from dip_jax.runtime.mesh import mesh_for
@@ -194,6 +196,7 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
             t0 = time.perf_counter()
             state, metrics = step_fn(state, batch, plan)
             stats.add_plan(plan)
+            stats.add_oversize(batch.oversize)
             finite = guard.observe(step, {k: float(metrics[k]) for k in ("loss", "grad_norm")})   # waits
             timeline = lead and plan is not None and _wants_timeline(cfg, step, start)
             if timeline or step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -206,7 +209,8 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
                         print(f"dip_jax: step {step}: planner fell back to {plan.scheduler} ({plan.fallback})",
                               flush=True)
                 record = log.write("train", step, step_seconds=measured, batch_index=batch.index,
-                                   samples=sum(len(mb) for mb in batch.metadata), **metrics, **fields)
+                                   samples=sum(len(mb) for mb in batch.metadata), samples_truncated=batch.oversize[0],
+                                   samples_skipped=batch.oversize[1], **metrics, **fields)
                 stats.add_record(record)
                 log.progress(step, loss=metrics["loss"])
                 if timeline:
@@ -234,4 +238,7 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
     if lead:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
         print(RunStats.table(summary), flush=True)
+        warning = OversizeCounts(stats.truncated, stats.skipped).warning(cfg.data.oversize, Budget.from_config(cfg))
+        if warning:
+            print(f"dip_jax: {warning}", flush=True)
     return summary
