@@ -6,6 +6,7 @@ Multi-process (one process per host, or per GPU): add `--coordinator HOST:PORT -
 """
 from __future__ import annotations
 
+import os
 import sys
 
 USAGE = ("usage: python -m dip_jax.train --config configs/X.py [--workdir DIR] [--config.section.field=value ...]\n"
@@ -90,4 +91,11 @@ def _help(argv: list[str]) -> int:
 if __name__ == "__main__":
     from absl import flags     # grain's multiprocessing reads absl flags; mark them parsed
     flags.FLAGS(sys.argv[:1])
-    sys.exit(main())
+    code = main()
+    if code:
+        # a stopped run has closed its files and workers; what is left are background threads
+        # (a failed checkpoint write) whose teardown at interpreter exit only prints noise
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

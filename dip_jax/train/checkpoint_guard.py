@@ -6,9 +6,14 @@ the checkpoint layout does.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
+import os
 import pathlib
 import shutil
+import sys
+import tempfile
 import threading
 
 from dip_jax.train.errors import RunStopped
@@ -40,6 +45,30 @@ def save_failure_reason(e: BaseException) -> str:
     return _one_line(e)
 
 
+@contextlib.contextmanager
+def _stderr_held():
+    """Hold what is written to fd 2 while a save is awaited: a failed write makes tensorstore's
+    callbacks print pages of tracebacks from threads no Python hook reaches. Replayed if the
+    save succeeded, dropped (the guard prints one line instead) if it failed."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if ok:
+                held.seek(0)
+                text = held.read()
+                if text:
+                    os.write(2, text)
+
+
 class CheckpointGuard:
     """`lead`: this process may move unreadable checkpoints aside (process 0)."""
 
@@ -52,6 +81,12 @@ class CheckpointGuard:
         # whole traceback; the same error is raised again by `wait`, where it becomes one line
         self._hook = threading.excepthook
         threading.excepthook = self._quiet_save_threads
+        logging.getLogger("absl").addFilter(self._quiet_save_logs)
+
+    @staticmethod
+    def _quiet_save_logs(record: logging.LogRecord) -> bool:
+        """Drop orbax's own error logs (multi-screen tracebacks); the guard reports the failure."""
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
 
     def _quiet_save_threads(self, args) -> None:
         tb, frames = args.exc_traceback, []
@@ -81,7 +116,8 @@ class CheckpointGuard:
             return
         step, self.pending = self.pending, None
         try:
-            self.ckpt.wait()
+            with _stderr_held():
+                self.ckpt.wait()
         except Exception as e:
             raise self._failure(step, e) from None
         self.last_good = step
@@ -103,12 +139,14 @@ class CheckpointGuard:
             self.settle()
         finally:
             try:
-                self.ckpt.close()
+                with _stderr_held():
+                    self.ckpt.close()
             except Exception:
                 if not self.failed:           # an earlier failure was already reported
                     raise
             finally:
                 threading.excepthook = self._hook
+                logging.getLogger("absl").removeFilter(self._quiet_save_logs)
 
     # -- restoring -------------------------------------------------------------------------
     def restore(self, state, data_iter):
