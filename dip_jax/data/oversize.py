@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import numpy as np
+
 from dip_jax.data.metadata import AUD, IMG, Sample, SampleMeta
 from dip_jax.data.packing import Budget
 
@@ -71,29 +73,44 @@ def fit_metas(metas: Sequence[SampleMeta], budget: Budget, policy: str
 
 
 def truncate_sample(s: Sample, b: Budget) -> Sample:
-    """Cut a sample's token sequence where the microbatch is full, never inside an image's or
-    audio clip's placeholder run, and drop the items and caption positions past the cut."""
+    """Keep the sample's tokens in order until the microbatch is full; an image or audio clip
+    is kept whole or dropped whole (with its placeholder run), and one past its slot limit is
+    dropped while the text after it is kept, as `truncate_meta` counts."""
     if len(s.tokens) == 0:                      # metadata only (the planner's view)
         return dataclasses.replace(s, meta=truncate_meta(s.meta, b))
-    toks, i, images, clips = s.tokens, 0, 0, 0
-    while i < len(toks):
+    toks = s.tokens
+    keep = np.zeros(len(toks), bool)
+    kept_images, kept_clips = [], []
+    i = used = n_img = n_aud = 0
+    while i < len(toks) and used < b.seq_len:
         t = int(toks[i])
-        width = b.tokens_per_image if t == IMG else b.tokens_per_audio_clip if t == AUD else 1
-        if (t == IMG and images == b.max_images) or (t == AUD and clips == b.max_audio_clips) \
-                or i + width > b.seq_len:
-            break
-        images += t == IMG
-        clips += t == AUD
-        i += width
+        if t in (IMG, AUD):
+            width = b.tokens_per_image if t == IMG else b.tokens_per_audio_clip
+            kept, slots = (kept_images, b.max_images) if t == IMG else (kept_clips, b.max_audio_clips)
+            if len(kept) < slots and used + width <= b.seq_len:
+                keep[i:i + width] = True
+                kept.append(n_img if t == IMG else n_aud)
+                used += width
+            n_img += t == IMG
+            n_aud += t == AUD
+            i += width
+        else:
+            keep[i] = True
+            used += 1
+            i += 1
     video = min(b.video_clips(s.meta), b.max_video_clips)
-    meta = SampleMeta(text_tokens=i - images * b.tokens_per_image - clips * b.tokens_per_audio_clip, images=images,
-                      audio_seconds=min(s.meta.audio_seconds, clips * b.audio_clip_seconds),
+    meta = SampleMeta(text_tokens=used - len(kept_images) * b.tokens_per_image - len(kept_clips) * b.tokens_per_audio_clip,
+                      images=len(kept_images),
+                      audio_seconds=min(s.meta.audio_seconds, len(kept_clips) * b.audio_clip_seconds),
                       video_seconds=min(s.meta.video_seconds, video * b.video_clip_seconds))
-    cut = lambda a, n: None if a is None or n == 0 else a[:n]
-    caption = None if s.caption is None else s.caption[s.caption < i]
-    return dataclasses.replace(s, tokens=s.tokens[:i], labels=s.labels[:i], meta=meta,
-                               images=cut(s.images, images), audio=cut(s.audio, clips),
-                               video=cut(s.video, video), caption=caption)
+    pick = lambda a, idx: None if a is None or not idx else a[idx]
+    caption = None
+    if s.caption is not None:
+        new_pos = np.cumsum(keep) - 1
+        caption = new_pos[s.caption[keep[s.caption]]]
+    return dataclasses.replace(s, tokens=toks[keep], labels=s.labels[keep], meta=meta,
+                               images=pick(s.images, kept_images), audio=pick(s.audio, kept_clips),
+                               video=None if s.video is None or video == 0 else s.video[:video], caption=caption)
 
 
 def fit_sample(s: Sample, budget: Budget, policy: str) -> Sample | None:

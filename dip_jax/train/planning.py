@@ -61,6 +61,14 @@ class BatchPlan:
         order, replicas = planned_from_json(d)
         return cls(d["step"], d["scheduler"], replicas, order, d["fallback"], d["wait_seconds"])
 
+    def fields(self) -> dict:
+        """The plan fields of a metrics line."""
+        t = self.slowest.timeline
+        return {"scheduler": self.scheduler, "predicted_step_seconds": t.iteration_seconds,
+                "lower_bound_seconds": t.lower_bound_seconds, "bubble_fraction": t.bubble_fraction,
+                "plan_seconds": sum(r.plan_seconds for r in self.replicas), "plan_fallback": self.fallback is not None,
+                "plan_fallback_reason": self.fallback, "plan_wait_seconds": self.wait_seconds}
+
 
 def planned_to_json(planned) -> dict:
     """(order, replicas) of `plan_batch` as plain JSON."""
@@ -72,14 +80,6 @@ def planned_to_json(planned) -> dict:
 def planned_from_json(d: dict):
     return tuple(d["order"]), tuple(ReplicaPlan(Plan.from_json(r["plan"]), Timeline.from_json(r["timeline"]),
                                                 r["plan_seconds"]) for r in d["replicas"])
-
-    def fields(self) -> dict:
-        """The plan fields of a metrics line."""
-        t = self.slowest.timeline
-        return {"scheduler": self.scheduler, "predicted_step_seconds": t.iteration_seconds,
-                "lower_bound_seconds": t.lower_bound_seconds, "bubble_fraction": t.bubble_fraction,
-                "plan_seconds": sum(r.plan_seconds for r in self.replicas), "plan_fallback": self.fallback is not None,
-                "plan_fallback_reason": self.fallback, "plan_wait_seconds": self.wait_seconds}
 
 
 def plan_batch(ctx: PlanContext, step: int, metadata: Sequence, scheduler: str, forward_only: bool = False
