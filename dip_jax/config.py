@@ -6,11 +6,28 @@ pure Python (no jax), so the planner can read configs and the analytic parameter
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from typing import Optional
 
 SCHEDULES = ("dip", "1f1b", "interleaved_1f1b", "gpipe", "encoders_first", "none")
 MODULES = ("vision", "audio", "llm", "dit")
+OVERSIZE = ("truncate", "skip", "error")
+ON_NONFINITE = ("stop", "skip")
+
+# While a list of overrides is applied, intermediate configs may be inconsistent (e.g. mesh.pipe
+# raised before the layer counts that must follow it); the checks then run once, at the end.
+_DEFER_CHECKS = contextvars.ContextVar("dip_jax_defer_checks", default=False)
+
+
+@contextlib.contextmanager
+def deferred_checks():
+    token = _DEFER_CHECKS.set(True)
+    try:
+        yield
+    finally:
+        _DEFER_CHECKS.reset(token)
 
 
 class ConfigError(ValueError):
@@ -298,10 +315,15 @@ class DataConfig:
     # digits task
     digits_max_images: int = 8
     eval_samples: int = 512
+    # a sample that cannot fit one microbatch even alone: cut to fit (as LLaVA and Megatron cut
+    # to the maximum sequence length), drop it, or stop with an error naming it
+    oversize: str = "truncate"
 
     def check(self) -> None:
         _require(self.task in ("synthetic", "digits"), "data.task",
                  f"unknown task {self.task!r}; choose synthetic or digits")
+        _require(self.oversize in OVERSIZE, "data.oversize",
+                 f"unknown policy {self.oversize!r}; choose one of {', '.join(OVERSIZE)}")
         _positive(self, "data", "seq_len", "microbatches", "prefetch", "eval_samples")
         for n in ("max_images", "max_audio_clips", "max_video_clips", "digits_max_images"):
             _require(getattr(self, n) >= 0, f"data.{n}", "must be >= 0")
@@ -345,17 +367,23 @@ class TrainSection:
     progress: bool = True
     timeline_every: int = 100          # write DIR/timelines/step_N.* every this many steps (0 = never) ...
     timeline_first: int = 2            # ... and for the first steps of a run
+    # a step whose loss or gradient norm is not finite never updates the state; "stop" ends the
+    # run (exit code 1) after `max_nonfinite_steps` such steps in a row, "skip" keeps going
+    on_nonfinite: str = "stop"
+    max_nonfinite_steps: int = 3
 
     def check(self) -> None:
-        _positive(self, "train", "steps", "log_every")
+        _positive(self, "train", "steps", "log_every", "max_nonfinite_steps")
         for name in ("eval_every", "timeline_every", "timeline_first"):
             _require(getattr(self, name) >= 0, f"train.{name}", "must be >= 0")
+        _require(self.on_nonfinite in ON_NONFINITE, "train.on_nonfinite",
+                 f"unknown policy {self.on_nonfinite!r}; choose one of {', '.join(ON_NONFINITE)}")
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     enabled: bool = True
-    every: int = 50
+    every: int = 20                    # a preempted run loses at most this many steps
     keep: int = 2
 
     def check(self) -> None:
@@ -373,6 +401,11 @@ class TrainConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
 
     def __post_init__(self):
+        if not _DEFER_CHECKS.get():
+            self.check()
+
+    def check(self) -> None:
+        """Every section's checks, then the cross-field ones. Raises ConfigError."""
         for section in ("model", "mesh", "pipeline", "data", "optim", "train", "checkpoint"):
             getattr(self, section).check()
         self._check_combinations()

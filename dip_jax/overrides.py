@@ -8,7 +8,7 @@ import pathlib
 import types
 import typing
 
-from dip_jax.config import ConfigError, TrainConfig, with_overrides
+from dip_jax.config import ConfigError, TrainConfig, deferred_checks, with_overrides
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -18,12 +18,24 @@ def load_config_file(path: str | pathlib.Path) -> TrainConfig:
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"--config: no such file {str(path)!r}")
+    if path.suffix != ".py":
+        raise ConfigError(f"--config: {path} is not a Python config file (.py with get_config())")
     spec = importlib.util.spec_from_file_location(f"_dip_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except ConfigError:
+        raise
+    except Exception as e:          # a config file is user code: report where it broke, in one line
+        raise ConfigError(f"--config: {path} failed to load: {type(e).__name__}: {e}".splitlines()[0]) from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"--config: {path} defines no get_config()")
-    cfg = module.get_config()
+    try:
+        cfg = module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"--config: {path}: get_config() failed: {type(e).__name__}: {e}".splitlines()[0]) from None
     if not isinstance(cfg, TrainConfig):
         raise ConfigError(f"--config: {path}: get_config() returned {type(cfg).__name__}, not TrainConfig")
     return cfg
@@ -98,9 +110,33 @@ def apply_override(cfg: TrainConfig, assignment: str) -> TrainConfig:
 
 
 def apply_overrides(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
-    for a in assignments:
-        cfg = apply_override(cfg, a)
+    """Apply every assignment, then check the result once: cross-field rules judge the final
+    config, so the order of the overrides does not matter."""
+    with deferred_checks():
+        for a in assignments:
+            cfg = apply_override(cfg, a)
+    cfg.check()
     return cfg
+
+
+def describe(cfg: TrainConfig) -> str:
+    """Every section and field with its value in `cfg`, one `--config.KEY=VALUE` per line."""
+    lines = []
+
+    def walk(node, prefix):
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                lines.append(f"  [{prefix}{f.name}]")
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                lines.append(f"    --config.{prefix}{f.name}={value!r}")
+
+    for f in dataclasses.fields(cfg):
+        lines.append(f"[{f.name}]")
+        section = getattr(cfg, f.name)
+        walk(section, f"{f.name}.")
+    return "\n".join(lines)
 
 
 def parse_config_args(argv: list[str]) -> tuple[str | None, str | None, list[str], list[str]]:

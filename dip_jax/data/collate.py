@@ -22,6 +22,7 @@ class Batch:
     arrays: dict[str, np.ndarray]
     metadata: tuple[tuple[SampleMeta, ...], ...]   # per microbatch, per sample
     index: int = 0                                 # position in the stream
+    oversize: tuple[int, int] = (0, 0)             # samples (truncated, skipped) by data.oversize
 
 
 def noise_for(seed: int, sample_id: int, clip: int, shape) -> tuple[np.ndarray, np.float32]:

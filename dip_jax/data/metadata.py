@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -27,21 +28,34 @@ class SampleMeta:
 
     @classmethod
     def from_json(cls, d: dict) -> "SampleMeta":
+        """Strict: counts are non-negative integers, durations non-negative finite numbers; a
+        silently coerced "3" or 2.5 images would plan a batch that is not the data."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown metadata keys {sorted(unknown)}")
-        return cls(int(d.get("text_tokens", 0)), int(d.get("images", 0)),
-                   float(d.get("audio_seconds", 0.0)), float(d.get("video_seconds", 0.0)))
+            raise ValueError(f"unknown key {sorted(unknown)[0]!r}")
+        for key in ("text_tokens", "images"):
+            v = d.get(key, 0)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"key {key!r}: expected a non-negative integer count, got {v!r}")
+        for key in ("audio_seconds", "video_seconds"):
+            v = d.get(key, 0.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"key {key!r}: expected a non-negative finite number of seconds, got {v!r}")
+        return cls(d.get("text_tokens", 0), d.get("images", 0), float(d.get("audio_seconds", 0.0)),
+                   float(d.get("video_seconds", 0.0)))
 
 
 def read_metadata_jsonl(path) -> Iterator[SampleMeta]:
+    """Errors name the file, the line and the key."""
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
                     yield SampleMeta.from_json(json.loads(line))
                 except (ValueError, TypeError) as e:
-                    raise ValueError(f"{path}:{n}: {e}") from None
+                    raise ValueError(f"{path}:{n}: {e}".splitlines()[0]) from None
 
 
 @dataclasses.dataclass

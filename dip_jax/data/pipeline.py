@@ -6,6 +6,7 @@ import numpy as np
 
 from dip_jax.config import TrainConfig
 from dip_jax.data.collate import Batch, collate
+from dip_jax.data.oversize import fit_sample
 from dip_jax.data.packing import Budget, pack_greedy
 
 _SPLIT_CODE = {"train": 0, "eval": 1}
@@ -38,23 +39,37 @@ class PackedBatches:
         """Just the batch's metadata, per microbatch (what the planner sees)."""
         return self._packed(index)[1]
 
+    def metadata_and_oversize(self, index: int):
+        """(metadata per microbatch, (samples truncated, samples skipped)) of one batch."""
+        _, metadata, oversize = self._packed(index)
+        return metadata, oversize
+
     def __call__(self, index: int) -> Batch:
-        packed, metadata = self._packed(index)
-        return Batch(collate(packed, self.cfg, self.cfg.data.seed), metadata, int(index))
+        packed, metadata, oversize = self._packed(index)
+        return Batch(collate(packed, self.cfg, self.cfg.data.seed), metadata, int(index), oversize)
 
     def _packed(self, index: int):
         index = int(index)
         d = self.cfg.data
         rng = np.random.default_rng([d.seed, _SPLIT_CODE[self.split], index])
-        stream = []
+        stream, drawn = [], 0
+        skipped_before: list[int] = []        # per kept sample: samples skipped before it
+        truncated: list[bool] = []
         while True:
-            stream += [self.samples.sample(rng, index * _IDS_PER_BATCH + len(stream))
-                       for _ in range(4 * d.microbatches)]
+            for _ in range(4 * d.microbatches):
+                raw = self.samples.sample(rng, index * _IDS_PER_BATCH + drawn)
+                drawn += 1
+                s = fit_sample(raw, self.budget, d.oversize)
+                if s is not None:
+                    skipped_before.append(drawn - 1 - len(stream))
+                    truncated.append(s is not raw)
+                    stream.append(s)
             mbs, used = pack_greedy([s.meta for s in stream], self.budget, d.microbatches)
             if used < len(stream):
                 break
         packed = [[stream[i] for i in mb] for mb in mbs]
-        return packed, tuple(tuple(s.meta for s in mb) for mb in packed)
+        oversize = (sum(truncated[:used]), skipped_before[used])
+        return packed, tuple(tuple(s.meta for s in mb) for mb in packed), oversize
 
 
 def batch_dataset(cfg: TrainConfig, split: str = "train") -> grain.MapDataset:

@@ -32,19 +32,38 @@ def _args(argv):
     return args, rest
 
 
-def batches_for(cfg, args) -> list:
+def check_args(args) -> None:
+    """Counts and budgets that would plan nothing are errors, not empty reports."""
+    for name, v in (("--batches", args.batches), ("--workers", args.workers), ("--rollouts", args.rollouts)):
+        if v is not None and v < 1:
+            raise ConfigError(f"{name}: must be >= 1, got {v}")
+    if not args.budget > 0:
+        raise ConfigError(f"--budget: must be > 0 seconds, got {args.budget:g}")
+
+
+def batches_for(cfg, args):
+    """(batches, over-long sample counts). A metadata file is packed exactly as the trainer
+    packs, over-long samples handled by `data.oversize`."""
     from dip_jax.data.metadata import read_metadata_jsonl
+    from dip_jax.data.oversize import OversizeCounts, fit_metas
     from dip_jax.data.packing import Budget, pack_into_batches
+    budget = Budget.from_config(cfg)
     if args.metadata:
-        metas = list(read_metadata_jsonl(args.metadata))
-        packed = pack_into_batches(metas, Budget.from_config(cfg), cfg.data.microbatches)
+        metas, counts = fit_metas(list(read_metadata_jsonl(args.metadata)), budget, cfg.data.oversize)
+        packed = pack_into_batches(metas, budget, cfg.data.microbatches)
         full = [b for b in packed if len(b) == cfg.data.microbatches]
         if not full:
             raise ConfigError(f"--metadata: {args.metadata} fills no whole batch of {cfg.data.microbatches} microbatches")
-        return full[: args.batches]
+        return full[: args.batches], counts
     from dip_jax.data.pipeline import PackedBatches
     source = PackedBatches(cfg, content=False)
-    return [source.metadata(i) for i in range(args.batches)]
+    counts = OversizeCounts()
+    batches = []
+    for i in range(args.batches):
+        metadata, (truncated, skipped) = source.metadata_and_oversize(i)
+        counts += OversizeCounts(truncated, skipped)
+        batches.append(metadata)
+    return batches, counts
 
 
 def main(argv=None) -> int:
@@ -54,13 +73,14 @@ def main(argv=None) -> int:
         _, _, overrides, unknown = parse_config_args(rest)
         if unknown:
             raise ConfigError(f"unknown argument {unknown[0]!r}")
+        check_args(args)
         cfg = apply_overrides(load_config_file(args.config), overrides)
         from dip_jax.plan.schedulers import SCHEDULERS, PlanContext
         names = [s.strip() for s in args.schedulers.split(",") if s.strip()]
         bad = [s for s in names if s not in SCHEDULERS]
         if bad:
             raise ConfigError(f"--schedulers: unknown {bad}; choose from {', '.join(SCHEDULERS)}")
-        batches = batches_for(cfg, args)
+        batches, oversize = batches_for(cfg, args)
         ctx = PlanContext(cfg, args.hardware)
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -71,8 +91,12 @@ def main(argv=None) -> int:
           f"{len(batches)} batches x {cfg.data.microbatches} microbatches; DIP chunks "
           + ", ".join(f"{m.name} {m.chunks}x~{m.layers[0]} layers (B={m.unit})" for m in ctx.partition.modules),
           flush=True)
+    from dip_jax.data.packing import Budget
+    warning = oversize.warning(cfg.data.oversize, Budget.from_config(cfg))
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     report = {"config": cfg.model.name, "hardware": ctx.hw.name, "pipe": cfg.mesh.pipe, "tensor": cfg.mesh.tensor,
-              "schedulers": {}}
+              "oversize": cfg.data.oversize, **oversize.fields(), "schedulers": {}}
     from dip_jax.viz.timeline import write_png, write_trace
     for name in names:
         recs = []

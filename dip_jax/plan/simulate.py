@@ -40,6 +40,20 @@ class Timeline:
     peak_memory: list             # per rank, bytes (static included)
     memory_curve: list            # per rank: [(time, bytes)]
 
+    def to_json(self) -> dict:
+        """Plain JSON (ops as lists), so timelines cross process boundaries without pickle."""
+        per_op = lambda d: [[[op.kind, op.module, op.chunk, op.mb, op.sub], v] for op, v in d.items()]
+        return {"mode": self.mode, "start": per_op(self.start), "end": per_op(self.end), "tick": per_op(self.tick),
+                "iteration_seconds": self.iteration_seconds, "busy_seconds": list(self.busy_seconds),
+                "peak_memory": list(self.peak_memory),
+                "memory_curve": [[list(p) for p in curve] for curve in self.memory_curve]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Timeline":
+        per_op = lambda items: {Op(*op): v for op, v in items}
+        return cls(d["mode"], per_op(d["start"]), per_op(d["end"]), per_op(d["tick"]), d["iteration_seconds"],
+                   d["busy_seconds"], d["peak_memory"], [[tuple(p) for p in c] for c in d["memory_curve"]])
+
     @property
     def lower_bound_seconds(self) -> float:
         return max(self.busy_seconds)

@@ -1,12 +1,12 @@
 """Several processes, one program: `jax.distributed` set-up and broadcasting plans from process 0.
 
 Every process must run the same compiled program with the same tables (a mismatch hangs in the
-first collective), so only process 0 plans and the others receive its plans.
+first collective), so only process 0 plans and the others receive its plans, as JSON.
 """
 from __future__ import annotations
 
+import json
 import os
-import pickle
 
 import numpy as np
 
@@ -43,18 +43,34 @@ def _int_env(name: str) -> int | None:
         raise ConfigError(f"{name}: expected an integer, got {v!r}") from None
 
 
-def broadcast_object(obj):
-    """Process 0's `obj` on every process (pickled; sizes padded to powers of two so that only a
-    few broadcast programs compile). A no-op in a single-process run."""
+HEADER_BYTES = 8          # the payload length, little-endian, in a fixed-size first broadcast
+
+
+def broadcast_json(value):
+    """Process 0's JSON-serialisable `value` on every process. Only JSON text crosses the
+    network, so no process ever runs a deserialiser that can build arbitrary objects from what
+    another process sent. Payloads are padded to powers of two so that only a few broadcast
+    programs compile. A no-op with one process."""
     import jax
     if jax.process_count() == 1:
-        return obj
+        return value
     from jax.experimental import multihost_utils
     lead = jax.process_index() == 0
-    payload = np.frombuffer(pickle.dumps(obj), np.uint8) if lead else np.zeros(0, np.uint8)
-    size = int(multihost_utils.broadcast_one_to_all(np.array([payload.size], np.int64))[0])
-    padded = 1 << max(10, (size - 1).bit_length())
-    buf = np.zeros(padded, np.uint8)
+    payload = np.frombuffer(json.dumps(value).encode(), np.uint8) if lead else np.zeros(0, np.uint8)
+    header = np.frombuffer(int(payload.size).to_bytes(HEADER_BYTES, "little"), np.uint8).copy()
+    header = np.asarray(multihost_utils.broadcast_one_to_all(header), np.uint8)
+    size = int.from_bytes(header.tobytes(), "little")
+    buf = np.zeros(1 << max(10, (size - 1).bit_length()), np.uint8)
     buf[:payload.size] = payload
-    buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
-    return obj if lead else pickle.loads(buf[:size].tobytes())
+    buf = np.asarray(multihost_utils.broadcast_one_to_all(buf), np.uint8)
+    return value if lead else json.loads(buf[:size].tobytes().decode())
+
+
+def broadcast_plan(plan):
+    """Process 0's BatchPlan on every process, as JSON."""
+    import jax
+    if jax.process_count() == 1:
+        return plan
+    from dip_jax.train.planning import BatchPlan
+    data = broadcast_json(plan.to_json() if jax.process_index() == 0 else None)
+    return plan if jax.process_index() == 0 else BatchPlan.from_json(data)

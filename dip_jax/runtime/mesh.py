@@ -32,9 +32,14 @@ def check_devices(cfg: TrainConfig, n_devices: int) -> None:
     if cfg.mesh.devices > n_devices:
         raise ConfigError(f"mesh: data={cfg.mesh.data} x pipe={cfg.mesh.pipe} needs {cfg.mesh.devices} devices, "
                           f"only {n_devices} available")
-    if cfg.data.microbatches % cfg.mesh.devices:
-        raise ConfigError(f"data.microbatches: {cfg.data.microbatches} cannot be split over the "
-                          f"{cfg.mesh.devices} devices of the mesh")
+    # The unpipelined step (and greedy decoding) shards microbatches over every device of the
+    # mesh; pipelined schedules only split them over the data replicas (checked in config.py).
+    unpipelined = cfg.pipeline.schedule == "none"
+    if (unpipelined or cfg.data.task == "digits") and cfg.data.microbatches % cfg.mesh.devices:
+        user = "pipeline.schedule=none shards them" if unpipelined else "greedy decoding (data.task=digits) shards them"
+        raise ConfigError(f"data.microbatches: {cfg.data.microbatches} microbatches cannot be split over the "
+                          f"{cfg.mesh.devices} devices of mesh data={cfg.mesh.data} x pipe={cfg.mesh.pipe} "
+                          f"({user} over every device)")
 
 
 def make_mesh(data: int, pipe: int, devices=None):

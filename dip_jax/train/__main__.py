@@ -6,6 +6,7 @@ Multi-process (one process per host, or per GPU): add `--coordinator HOST:PORT -
 """
 from __future__ import annotations
 
+import os
 import sys
 
 USAGE = ("usage: python -m dip_jax.train --config configs/X.py [--workdir DIR] [--config.section.field=value ...]\n"
@@ -43,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        return 0
+        return _help(argv)
+    from dip_jax.train.errors import RunStopped
     try:
         path, workdir, overrides, rest = parse_config_args(argv)
         distributed, rest = _distributed_args(rest)
@@ -62,10 +63,39 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"dip_jax: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:             # Ctrl-C before the trainer took over the signal
+        print("dip_jax: interrupted before training started", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _help(argv: list[str]) -> int:
+    """Usage, then every config key with its value (the given --config's, else the defaults)."""
+    from dip_jax.config import ConfigError, TrainConfig
+    from dip_jax.overrides import describe, load_config_file, parse_config_args
+    print(USAGE)
+    try:
+        path = parse_config_args([a for a in argv if a not in ("-h", "--help")])[0]
+        cfg, source = (load_config_file(path), path) if path else (TrainConfig(), "defaults")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"\nconfig keys ({source}); set any with --config.KEY=VALUE:")
+    print(describe(cfg))
     return 0
 
 
 if __name__ == "__main__":
     from absl import flags     # grain's multiprocessing reads absl flags; mark them parsed
     flags.FLAGS(sys.argv[:1])
-    sys.exit(main())
+    code = main()
+    if code:
+        # a stopped run has closed its files and workers; what is left are background threads
+        # (a failed checkpoint write) whose teardown at interpreter exit only prints noise
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -51,11 +51,22 @@ class Checkpointer:
         saved = self.manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))["layout"]
         return layouts_from_json(saved)
 
-    def restore(self, state, data_iter):
-        """Restore the latest checkpoint into `state`'s layout and shardings, and move
-        `data_iter` to the batch after the one trained last. Returns (state, step), or
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def reload(self) -> None:
+        """Re-read the directory (after a checkpoint was moved away)."""
+        self.manager.reload()
+
+    def wait(self) -> None:
+        """Block until a background save is written; raises its error if it failed."""
+        self.manager.wait_until_finished()
+
+    def restore(self, state, data_iter, step: int | None = None):
+        """Restore the latest checkpoint (or `step`) into `state`'s layout and shardings, and
+        move `data_iter` to the batch after the one trained last. Returns (state, step), or
         (state, None) if there is none."""
-        step = self.manager.latest_step()
+        step = self.manager.latest_step() if step is None else step
         if step is None:
             return state, None
         saved = self.saved_layouts(step)

@@ -5,16 +5,34 @@ import json
 import math
 import pathlib
 import sys
+import time
 
 from tqdm import tqdm
 
 
 def _clean(v):
+    """JSON has no NaN: non-finite floats become the strings "nan", "inf", "-inf", so a
+    diverged step is told apart from a field that does not apply (null)."""
     if hasattr(v, "item"):
         v = v.item()
     if isinstance(v, float) and not math.isfinite(v):
-        return None
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
     return v
+
+
+def read_records(path: pathlib.Path, upto_step: int, kind: str = "train") -> list[dict]:
+    """Earlier lines of a metrics.jsonl (a resumed run's summary covers the whole run)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue                        # a line cut short by a kill
+        if r.get("kind") == kind and r.get("step", 0) <= upto_step:
+            out.append(r)
+    return out
 
 
 class MetricsWriter:
@@ -41,18 +59,24 @@ class MetricsWriter:
         """On resume, drop lines past the restored step: they will be logged again, identically."""
         if not self.path.exists():
             return
-        keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+        def kept(line):
+            try:
+                return json.loads(line).get("step", 0) <= step
+            except ValueError:
+                return False                # a line cut short by a kill
+        keep = [l for l in self.path.read_text().splitlines() if l.strip() and kept(l)]
         self.path.write_text("".join(l + "\n" for l in keep))
 
     def write(self, kind: str, step: int, **fields) -> dict:
-        record = {"kind": kind, "step": int(step), **{k: _clean(v) for k, v in fields.items()}}
+        record = {"kind": kind, "step": int(step), "time": round(time.time(), 3),
+                  **{k: _clean(v) for k, v in fields.items()}}
         if not self.enabled:
             return record
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
             for k, v in record.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time"):
                     self.tb.add_scalar(f"{kind}/{k}", v, step)
         return record
 
@@ -77,12 +101,27 @@ class RunStats:
         self.records: list[dict] = []
         self.plans = self.fallbacks = 0
         self.wait_seconds = 0.0
+        self.truncated = self.skipped = 0        # over-long samples (data.oversize)
+
+    def add_oversize(self, counts: tuple[int, int]) -> None:
+        self.truncated += counts[0]
+        self.skipped += counts[1]
 
     def add_plan(self, plan) -> None:
         if plan is not None:
             self.plans += 1
             self.fallbacks += plan.fallback is not None
             self.wait_seconds += plan.wait_seconds
+
+    def add_history(self, records: list[dict]) -> None:
+        """Train lines of the run before it resumed (plan counts assume they logged every step)."""
+        for r in records:
+            self.add_record(r)
+            self.add_oversize((r.get("samples_truncated") or 0, r.get("samples_skipped") or 0))
+            if r.get("scheduler") is not None:
+                self.plans += 1
+                self.fallbacks += bool(r.get("plan_fallback"))
+                self.wait_seconds += r.get("plan_wait_seconds") or 0.0
 
     def add_record(self, record: dict) -> None:
         self.losses.append(record["loss"])
@@ -91,7 +130,8 @@ class RunStats:
 
     def summary(self, wall_seconds: float) -> dict:
         out = {"first_loss": self.losses[0] if self.losses else None,
-               "last_loss": self.losses[-1] if self.losses else None}
+               "last_loss": self.losses[-1] if self.losses else None,
+               "samples_truncated": self.truncated, "samples_skipped": self.skipped}
         if not self.plans:
             return out
         mean = lambda k: sum(r[k] for r in self.records) / len(self.records) if self.records else None

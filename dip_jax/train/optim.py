@@ -5,6 +5,7 @@ import jax
 import optax
 
 from dip_jax.config import OptimConfig
+from dip_jax.train.nonfinite import skip_nonfinite
 
 
 def lr_schedule(cfg: OptimConfig, total_steps: int):
@@ -40,4 +41,4 @@ def build_optimizer(cfg: OptimConfig, total_steps: int, modules: tuple[str, ...]
     if cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
     parts.append(optax.multi_transform(per_module, module_labels))
-    return optax.chain(*parts)
+    return skip_nonfinite(optax.chain(*parts))      # a NaN step never reaches the state

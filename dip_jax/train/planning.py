@@ -6,6 +6,7 @@ Imports no jax, so the worker processes start quickly and stay small.
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing
 import multiprocessing.pool
 import time
@@ -16,6 +17,7 @@ from dip_jax.plan.replicas import balance
 from dip_jax.plan.schedule import Plan
 from dip_jax.plan.schedulers import PlanContext
 from dip_jax.plan.simulate import Timeline
+from dip_jax.train.interrupt import ignore_interrupts
 
 FALLBACK = "interleaved_1f1b"
 
@@ -50,6 +52,15 @@ class BatchPlan:
     def plans(self) -> list[Plan]:
         return [r.plan for r in self.replicas]
 
+    def to_json(self) -> dict:
+        return {"step": self.step, "scheduler": self.scheduler, "fallback": self.fallback,
+                "wait_seconds": self.wait_seconds, **planned_to_json((self.order, self.replicas))}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "BatchPlan":
+        order, replicas = planned_from_json(d)
+        return cls(d["step"], d["scheduler"], replicas, order, d["fallback"], d["wait_seconds"])
+
     def fields(self) -> dict:
         """The plan fields of a metrics line."""
         t = self.slowest.timeline
@@ -57,6 +68,18 @@ class BatchPlan:
                 "lower_bound_seconds": t.lower_bound_seconds, "bubble_fraction": t.bubble_fraction,
                 "plan_seconds": sum(r.plan_seconds for r in self.replicas), "plan_fallback": self.fallback is not None,
                 "plan_fallback_reason": self.fallback, "plan_wait_seconds": self.wait_seconds}
+
+
+def planned_to_json(planned) -> dict:
+    """(order, replicas) of `plan_batch` as plain JSON."""
+    order, replicas = planned
+    return {"order": list(order), "replicas": [{"plan": r.plan.to_json(), "timeline": r.timeline.to_json(),
+                                                "plan_seconds": r.plan_seconds} for r in replicas]}
+
+
+def planned_from_json(d: dict):
+    return tuple(d["order"]), tuple(ReplicaPlan(Plan.from_json(r["plan"]), Timeline.from_json(r["timeline"]),
+                                                r["plan_seconds"]) for r in d["replicas"])
 
 
 def plan_batch(ctx: PlanContext, step: int, metadata: Sequence, scheduler: str, forward_only: bool = False
@@ -88,6 +111,7 @@ _CTX: PlanContext | None = None
 
 def _init_worker(cfg: TrainConfig, partition) -> None:
     global _CTX
+    ignore_interrupts()                      # Ctrl-C reaches the whole process group; the trainer decides
     _CTX = PlanContext(cfg, partition=partition)
 
 
@@ -96,7 +120,8 @@ def _plan_in_worker(step: int, metadata, fault: str | None):
         raise RuntimeError(f"planner fault injected at step {step}")
     if fault == "late":
         time.sleep(3600.0)                   # a search that never ends in time
-    return plan_batch(_CTX, step, metadata, _CTX.cfg.pipeline.schedule)
+    # JSON text back to the parent: results are plain data, never objects built by the worker
+    return json.dumps(planned_to_json(plan_batch(_CTX, step, metadata, _CTX.cfg.pipeline.schedule)))
 
 
 class Planner:
@@ -144,7 +169,7 @@ class Planner:
                     raise RuntimeError(f"planner fault injected at step {step}")
                 planned = plan_batch(self.ctx, step, metadata, scheduler)
             else:
-                planned = self.jobs.pop(step).get(timeout=deadline)
+                planned = planned_from_json(json.loads(self.jobs.pop(step).get(timeout=deadline)))
         except multiprocessing.TimeoutError:
             reason = f"deadline: no {scheduler} plan after {deadline:g} s"
             self.pool.terminate()

@@ -18,15 +18,23 @@ import numpy as np
 from flax import nnx
 
 from dip_jax.config import TrainConfig
+from dip_jax.data.oversize import OversizeCounts
+from dip_jax.data.packing import Budget
 from dip_jax.data.pipeline import batch_dataset, train_iterator
-from dip_jax.runtime.distributed import broadcast_object
+from dip_jax.runtime.distributed import broadcast_plan
 from dip_jax.runtime.mesh import mesh_for
 from dip_jax.train.checkpoint import Checkpointer
+from dip_jax.train.checkpoint_guard import CheckpointGuard
+from dip_jax.train.errors import RunStopped
 from dip_jax.train.evaluate import greedy_accuracy
-from dip_jax.train.metrics import MetricsWriter, RunStats
+from dip_jax.train.interrupt import Interrupts
+from dip_jax.train.metrics import MetricsWriter, RunStats, read_records
+from dip_jax.train.nonfinite import NonfiniteMonitor
 from dip_jax.train.optim import build_optimizer
+from dip_jax.train.preflight import check_state_fits
 from dip_jax.train.state import abstract_model, count_params, create_state, model_layouts, state_bytes
 from dip_jax.train.step import make_eval_loss, make_logits_fn, make_train_step, put_batch
+from dip_jax.train.workdir import workdir_session
 
 PLAN_FIELDS = ("scheduler", "predicted_step_seconds", "lower_bound_seconds", "bubble_fraction", "plan_seconds",
                "plan_fallback", "plan_fallback_reason", "plan_wait_seconds", "compiles", "cache_hits")
@@ -96,7 +104,7 @@ class BatchFeed:
             plan = None
             if self.pipelined:
                 plan = self.planner.get(step, batch.metadata) if self.planner is not None else None
-                plan = broadcast_object(plan)
+                plan = broadcast_plan(plan)
             yield step, batch, data_state, plan
 
 
@@ -120,13 +128,37 @@ def _gb(n: int) -> str:
 
 
 def run(cfg: TrainConfig, workdir: str | pathlib.Path) -> dict:
-    """Train (resuming from `workdir`'s latest checkpoint if there is one). Returns the summary."""
+    """Train (resuming from `workdir`'s newest good checkpoint if there is one). Returns the
+    summary. Raises RunStopped (with an exit code) when the run is interrupted or must stop."""
     workdir = pathlib.Path(workdir)
     lead = jax.process_index() == 0
+    with Interrupts() as interrupts, workdir_session(cfg, workdir, lead):
+        return _run(cfg, workdir, lead, interrupts)
+
+
+def _finished(cfg: TrainConfig, workdir: pathlib.Path, step: int, lead: bool) -> dict:
+    """A rerun of a finished run changes nothing, its summary included."""
     if lead:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
+        print(f"dip_jax: already at step {step} of {cfg.train.steps}; nothing to do ({workdir})", flush=True)
+    path = workdir / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else {"steps": cfg.train.steps, "resumed_from": step}
+
+
+def _stop_after_interrupt(interrupts, ckpt, step: int, start: int, state, data_state) -> RunStopped:
+    if ckpt is None:
+        done = "checkpointing is off (checkpoint.enabled=false)"
+    elif step > start:
+        ckpt.save(step, state, data_state, force=True, wait=True)
+        done = "checkpoint saved"
+    else:
+        done = "no step trained since the last checkpoint"
+    return RunStopped(f"interrupted at step {step}, {done}, rerun the same command to resume",
+                      exit_code=interrupts.exit_code)
+
+
+def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interrupts) -> dict:
     mesh = mesh_for(cfg)
+    check_state_fits(cfg, [d for d in mesh.devices.flat if d.process_index == jax.process_index()])
 
     graphdef, model = abstract_model(cfg)
     tx = build_optimizer(cfg.optim, cfg.train.steps, cfg.model.modules)
@@ -145,15 +177,23 @@ def run(cfg: TrainConfig, workdir: str | pathlib.Path) -> dict:
         layouts = model_layouts(cfg)
     state = create_state(cfg, tx, mesh, layouts)
     data = train_iterator(cfg)
-    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint, layouts, mesh) if cfg.checkpoint.enabled else None
+    ckpt = (CheckpointGuard(Checkpointer(workdir / "checkpoints", cfg.checkpoint, layouts, mesh), lead)
+            if cfg.checkpoint.enabled else None)
     start = 0
     if ckpt is not None:
         state, restored = ckpt.restore(state, data)
         start = restored or 0
+    if start >= cfg.train.steps:
+        ckpt.close()
+        if planner is not None:
+            planner.close()
+        return _finished(cfg, workdir, start, lead)
     evaluator = (Evaluator(cfg, graphdef, mesh, step_fn if pipelined else None)
                  if (cfg.train.eval_every or cfg.data.task == "digits") else None)
     log = MetricsWriter(workdir, cfg.train.steps, start, cfg.train.progress and lead, enabled=lead)
     stats = RunStats()
+    stats.add_history(read_records(workdir / "metrics.jsonl", start) if lead and start else [])
+    guard = NonfiniteMonitor(cfg.train)
     bytes_total, bytes_device = state_bytes(state, layouts)
     placement = {"mesh": dict(mesh.shape), "devices": int(mesh.devices.size), "state_bytes_total": bytes_total,
                  "state_bytes_per_device_max": bytes_device}
@@ -165,11 +205,14 @@ def run(cfg: TrainConfig, workdir: str | pathlib.Path) -> dict:
               f"on one device", flush=True)
 
     t_start, final_eval = time.perf_counter(), {}
+    step = start
     try:
         for step, batch, data_state, plan in BatchFeed(cfg, data, start, planner, pipelined):
             t0 = time.perf_counter()
             state, metrics = step_fn(state, batch, plan)
             stats.add_plan(plan)
+            stats.add_oversize(batch.oversize)
+            finite = guard.observe(step, {k: float(metrics[k]) for k in ("loss", "grad_norm")})   # waits
             timeline = lead and plan is not None and _wants_timeline(cfg, step, start)
             if timeline or step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 metrics = {k: float(v) for k, v in metrics.items()}       # waits for the step
@@ -181,7 +224,8 @@ def run(cfg: TrainConfig, workdir: str | pathlib.Path) -> dict:
                         print(f"dip_jax: step {step}: planner fell back to {plan.scheduler} ({plan.fallback})",
                               flush=True)
                 record = log.write("train", step, step_seconds=measured, batch_index=batch.index,
-                                   samples=sum(len(mb) for mb in batch.metadata), **metrics, **fields)
+                                   samples=sum(len(mb) for mb in batch.metadata), samples_truncated=batch.oversize[0],
+                                   samples_skipped=batch.oversize[1], **metrics, **fields)
                 stats.add_record(record)
                 log.progress(step, loss=metrics["loss"])
                 if timeline:
@@ -189,7 +233,10 @@ def run(cfg: TrainConfig, workdir: str | pathlib.Path) -> dict:
             if evaluator is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0 \
                     and step != cfg.train.steps:
                 log.write("eval", step, **evaluator(state["params"]))
-            if ckpt is not None:
+            guard.check_stop(ckpt.latest_step() if ckpt is not None else None)
+            if interrupts.requested:
+                raise _stop_after_interrupt(interrupts, ckpt, step, start, state, data_state)
+            if ckpt is not None and finite:
                 ckpt.save(step, state, data_state, force=step == cfg.train.steps)
         if evaluator is not None:
             final_eval = log.write("eval", cfg.train.steps, **evaluator(state["params"]))
@@ -206,4 +253,7 @@ def run(cfg: TrainConfig, workdir: str | pathlib.Path) -> dict:
     if lead:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
         print(RunStats.table(summary), flush=True)
+        warning = OversizeCounts(stats.truncated, stats.skipped).warning(cfg.data.oversize, Budget.from_config(cfg))
+        if warning:
+            print(f"dip_jax: {warning}", flush=True)
     return summary
