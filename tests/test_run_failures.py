@@ -134,7 +134,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(lifecycle, tmp
     from dip_jax.overrides import apply_overrides, load_config_file, parse_config_args
     from dip_jax.train.checkpoint import Checkpointer
     from dip_jax.train.checkpoint_guard import CheckpointGuard
-    from dip_jax.train.state import init_state
+    from dip_jax.runtime.mesh import make_mesh
+    from dip_jax.train.state import init_state, model_layouts
     work = tmp_path / "run"
     shutil.copytree(lifecycle["work"], work)
     newest, older = _steps(work)[-1], _steps(work)[-2]
@@ -150,7 +151,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(lifecycle, tmp
     _, _, overrides, _ = parse_config_args(SMALL[2:])
     cfg = apply_overrides(load_config_file(ROOT / "configs/tiny_cpu.py"), overrides)
     _, state, _ = init_state(cfg)
-    guard = CheckpointGuard(Checkpointer(work / "checkpoints", cfg.checkpoint))
+    guard = CheckpointGuard(Checkpointer(work / "checkpoints", cfg.checkpoint, model_layouts(cfg), make_mesh(1, 1)))
     data = train_iterator(cfg)
     restored, step = guard.restore(state, data)
     guard.close()
@@ -175,11 +176,12 @@ def test_nonfinite_loss_stops_the_run_and_never_checkpoints_nan(tmp_path, xla_ca
     import jax
     from dip_jax.overrides import apply_overrides, load_config_file, parse_config_args
     from dip_jax.train.checkpoint import Checkpointer
-    from dip_jax.train.state import init_state
+    from dip_jax.runtime.mesh import make_mesh
+    from dip_jax.train.state import init_state, model_layouts
     from dip_jax.data.pipeline import train_iterator
     _, _, overrides, _ = parse_config_args(SMALL[2:])
     cfg = apply_overrides(load_config_file(root / "configs/tiny_cpu.py"), overrides)
-    ckpt = Checkpointer(work / "checkpoints", cfg.checkpoint)
+    ckpt = Checkpointer(work / "checkpoints", cfg.checkpoint, model_layouts(cfg), make_mesh(1, 1))
     state, step = ckpt.restore(init_state(cfg)[1], train_iterator(cfg))
     ckpt.close()
     assert step == max(_steps(work))
