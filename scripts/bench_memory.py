@@ -38,7 +38,8 @@ from dip_jax.train.state import abstract_model, model_layouts, state_bytes, stat
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LARGER = [f"model.{m}.{k}={v}" for m in ("vision", "audio", "llm")
           for k, v in (("dim", 512), ("mlp_hidden", 2048), ("heads", 8), ("kv_heads", 8), ("layers", 16))]
-CONFIGS = {"tiny_cpu": [], "tiny_cpu dims 512, 16 layers": LARGER}
+# (overrides, meshes (data, pipe)): tiny_cpu's modules have 4 layers, so at most pipe=4
+CONFIGS = {"tiny_cpu": ([], ((2, 4), (1, 4))), "tiny_cpu dims 512, 16 layers": (LARGER, ((2, 4), (1, 8)))}
 MIB = 2 ** 20
 
 
@@ -108,8 +109,8 @@ def main() -> int:
     print(f"backend {jax.default_backend()}, {jax.device_count()} devices, jax {jax.__version__}; MiB per device")
     print(f"{'config':30s} {'mesh':>8s} {'layout':>7s} {'params':>8s} {'optim':>8s} {'args':>8s} {'temps':>8s} "
           f"{'outputs':>8s} {'pred. static':>12s} {'pred. peak':>10s} {'pred/compiled':>13s}")
-    for name, overrides in CONFIGS.items():
-        for data, pipe in ((2, 4), (1, 8)):
+    for name, (overrides, meshes) in CONFIGS.items():
+        for data, pipe in meshes:
             r = measure(name, overrides, data, pipe)
             results.append(r)
             for label in ("before", "after"):
