@@ -187,6 +187,29 @@ def test_hlo_loop_has_no_all_reduce_and_no_whole_buffer_copies(encoders):
     assert not copies & whole, f"whole gradient/parameter stack copied in the tick loop: {sorted(copies & whole)}"
 
 
+def _tick_loop_permutes(ex, setup, plans) -> int:
+    ops, recv, n_ticks, sig = ex.tables(plans, setup.buckets)
+    ex.run_tables(setup.params, setup.batch.arrays, ops, recv, n_ticks, sig)
+    hlo = ex.cache._programs[("grads", sig)].as_text()
+    comps = dict(re.findall(r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S | re.M))
+    loops = [b for b in re.findall(r"body=%?([\w.\-]+)", hlo)
+             if any("collective-permute" in comps.get(c, "") for c in _reachable(hlo, b))]
+    tick_loop = max(loops, key=lambda b: len(_reachable(hlo, b)))
+    body = "\n".join(comps[c] for c in _reachable(hlo, tick_loop))
+    return len(re.findall(r" collective-permute(?:-start)?\(", body))
+
+
+def test_one_collective_per_direction_and_tick(encoders):
+    """All channels of a direction (activations, encoder outputs, cotangents of every module)
+    travel in one packed ppermute: 2 per tick, not one per channel."""
+    plans = encoders.plans(lambda g: schedule_baseline("gpipe", g, UNIT_COSTS))
+    assert _tick_loop_permutes(encoders.ex, encoders, plans) == 2
+    # negative control: one collective per channel
+    unpacked = PipelineExecutor(encoders.model, encoders.partition, make_mesh(1, 4), {"vision": 4, "audio": 2, "dit": 3},
+                                48, packed_channels=False)
+    assert _tick_loop_permutes(unpacked, encoders, plans) > 2
+
+
 def test_200_dynamic_batches_need_at_most_4_programs(root):
     """DIP plans of 200 synthetic batches (varying image/audio counts) lower to <= 4 signatures,
     i.e. <= 4 compiled programs; the executor compiles one per signature (test above)."""

@@ -2,9 +2,9 @@
 
 Per rank: a fori_loop over the traced `n_ticks`; each tick, for every module, one predicated
 while_loop (trip count 0 or 1) for a forward and one for a backward op (the table turns on at
-most one of each), then unconditional ppermutes to rank+1 (activations, encoder outputs, llm
-states) and rank-1 (cotangents), wrapping around, written into table-addressed slots (a trash
-slot when nothing is due). Backward recomputes its chunk under jax.vjp. Indexing is
+most one of each), then one packed ppermute to rank+1 (activations, encoder outputs, llm
+states) and one to rank-1 (cotangents), wrapping around, written into table-addressed slots (a
+trash slot when nothing is due). Backward recomputes its chunk under jax.vjp. Indexing is
 dynamic_index / dynamic_update_index only. Data-parallel replicas run their own tables;
 gradients are reduced once, after the loop. The runtime holds no scheduling logic.
 
@@ -26,6 +26,7 @@ from jax import lax
 from dip_jax.models.lmm import flow_loss_sum, flow_targets, lm_loss_sum
 from dip_jax.plan import tables as T
 from dip_jax.runtime import sharding as S
+from dip_jax.runtime.channels import packed_ppermute
 from dip_jax.runtime.sharding import REPLICA, STAGE
 from dip_jax.runtime.stages import like
 
@@ -45,14 +46,16 @@ def _where(c, a, b):
     return jax.tree.map(lambda x, y: jnp.where(c, x, y), a, b)
 
 
-def build_step(spec, sig: T.Signature, mesh):
+def build_step(spec, sig: T.Signature, mesh, packed: bool = True):
     """spec: runtime.pipeline.ExecSpec (module graphdefs, shapes). Returns the (unjitted) step
 
     step(params, masks, batch, ops, recv, n_ticks) -> (loss, grads)
 
     `params`: per module, the stage-layout parameters (block stacks [P, K, Lc, ...] split over
     the stages, other parameters replicated); `grads` has their layout, for the modules with
-    backward ops, reduced over the data replicas.
+    backward ops, reduced over the data replicas. `packed=False` sends one collective per
+    channel (what the tick cost was before packing; kept to measure it and for the HLO lint's
+    negative control).
     """
     Pn = sig.P
     mods = sig.modules
@@ -65,6 +68,8 @@ def build_step(spec, sig: T.Signature, mesh):
     nb, nc = sig.boundary_slots, sig.cond_slots
     encoders = sig.encoders
     has_dit = "dit" in mods
+    send = ((lambda tree, perm: packed_ppermute(tree, STAGE, perm)) if packed else
+            (lambda tree, perm: jax.tree.map(lambda x: lax.ppermute(x, STAGE, perm), tree)))
     fwd_perm = [(i, (i + 1) % Pn) for i in range(Pn)]
     bwd_perm = [(i, (i - 1) % Pn) for i in range(Pn)]
     D = spec.llm_dim
@@ -211,29 +216,33 @@ def build_step(spec, sig: T.Signature, mesh):
                 if m == "dit":
                     bufs = {**bufs, "hacc": hacc}
                 b_out[m] = (gx, payload)
-            # communication: unconditional, every tick
+            # communication, every tick: one packed collective per direction carries every channel
+            sent_up = {"act": {m: f_out[m][0] for m in mods}, "bnd": {e: f_out[e][1] for e in encoders}}
+            sent_down = {"cot": {m: b_out[m][0] for m in mods if bwd[m]},
+                         "bcot": {e: b_out["llm"][1][e] for e in encoders if bwd[e] and bwd["llm"]}}
+            if has_dit:
+                sent_up["cond"] = f_out["llm"][1][0]
+                if bwd["dit"]:
+                    sent_down["hcot"] = b_out["dit"][1]
+            up, down = send(sent_up, fwd_perm), send(sent_down, bwd_perm)
             new = dict(bufs)
-            up = lambda x: lax.ppermute(x, STAGE, fwd_perm)
-            down = lambda x: lax.ppermute(x, STAGE, bwd_perm)
             stash, cot = dict(bufs["stash"]), dict(bufs.get("cot", {}))
             for m in mods:
-                stash[m] = jax.tree.map(lambda B_, y: put(B_, rc[cols[f"f:{m}"]], y), stash[m],
-                                        jax.tree.map(up, f_out[m][0]))
+                stash[m] = jax.tree.map(lambda B_, y: put(B_, rc[cols[f"f:{m}"]], y), stash[m], up["act"][m])
                 if bwd[m]:
-                    cot[m] = jax.tree.map(lambda B_, g: put(B_, rc[cols[f"b:{m}"]], g), cot[m],
-                                          jax.tree.map(down, b_out[m][0]))
+                    cot[m] = jax.tree.map(lambda B_, g: put(B_, rc[cols[f"b:{m}"]], g), cot[m], down["cot"][m])
             new["stash"], new["cot"] = stash, cot
             bnd, bcot = dict(bufs["bnd"]), dict(bufs["bcot"])
             for e in encoders:
-                val, s, u = up(f_out[e][1]), rc[cols[f"bnd:{e}"]], rc[cols[f"bnd_sub:{e}"]]
+                val, s, u = up["bnd"][e], rc[cols[f"bnd:{e}"]], rc[cols[f"bnd_sub:{e}"]]
                 bnd[e] = put(bnd[e], s, put(row(bnd[e], s), u, val))
-                if bwd[e] and bwd["llm"]:
-                    bcot[e] = put(bcot[e], rc[cols[f"bcot:{e}"]], down(b_out["llm"][1][e]))
+                if e in down["bcot"]:
+                    bcot[e] = put(bcot[e], rc[cols[f"bcot:{e}"]], down["bcot"][e])
             new["bnd"], new["bcot"] = bnd, bcot
             if has_dit:
-                new["cond"] = put(bufs["cond"], rc[cols["cond"]], up(f_out["llm"][1])[0])
+                new["cond"] = put(bufs["cond"], rc[cols["cond"]], up["cond"])
                 if bwd["dit"]:
-                    new["hcot"] = put(bufs["hcot"], rc[cols["hcot"]], down(b_out["dit"][1]))
+                    new["hcot"] = put(bufs["hcot"], rc[cols["hcot"]], down["hcot"])
             return new, grads, loss
 
         bufs, grads, loss = lax.fori_loop(0, n_ticks, tick, (bufs, grads, jnp.zeros((), jnp.float32)))

@@ -44,10 +44,12 @@ class ExecSpec:
 class PipelineExecutor:
     def __init__(self, model: LMM, partition: ModalityPartition, mesh, max_items: dict[str, int],
                  seq_len: int, cache_size: int = 8, persistent_cache_dir: str | None = None,
-                 tx: optax.GradientTransformation | None = None):
+                 tx: optax.GradientTransformation | None = None, packed_channels: bool = True):
         """`model`: the LMM, concrete or abstract (`nnx.eval_shape`): only its structure is
-        read. `tx`: the optimizer `train_step` applies."""
+        read. `tx`: the optimizer `train_step` applies. `packed_channels=False`: one collective
+        per channel and tick instead of one per direction (for measurements)."""
         self.partition, self.mesh, self.tx = partition, mesh, tx
+        self.packed_channels = packed_channels
         self.P = partition.P
         self.data = mesh.shape[REPLICA]
         self.modules = tuple(m.name for m in partition.modules)
@@ -204,7 +206,7 @@ class PipelineExecutor:
 
     def _build(self, key):
         kind, sig = key
-        core = build_step(self.spec, sig, self.mesh)
+        core = build_step(self.spec, sig, self.mesh, self.packed_channels)
         if kind == "grads":
             return jax.jit(core)
         if self.tx is None:
