@@ -33,7 +33,7 @@ from dip_jax.runtime.mesh import make_mesh                   # noqa: E402
 from dip_jax.train.optim import build_optimizer              # noqa: E402
 from dip_jax.train.pipelined import PipelinedStep            # noqa: E402
 from dip_jax.train.planning import plan_batch, reorder       # noqa: E402
-from dip_jax.train.state import abstract_model, model_layouts, state_bytes, state_shapes  # noqa: E402
+from dip_jax.train.state import abstract_model, bytes_per_device, model_layouts, state_bytes, state_shapes  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LARGER = [f"model.{m}.{k}={v}" for m in ("vision", "audio", "llm")
@@ -41,16 +41,6 @@ LARGER = [f"model.{m}.{k}={v}" for m in ("vision", "audio", "llm")
 # (overrides, meshes (data, pipe)): tiny_cpu's modules have 4 layers, so at most pipe=4
 CONFIGS = {"tiny_cpu": ([], ((2, 4), (1, 4))), "tiny_cpu dims 512, 16 layers": (LARGER, ((2, 4), (1, 8)))}
 MIB = 2 ** 20
-
-
-def per_device(tree) -> int:
-    """The most bytes one device holds of an abstract tree with shardings."""
-    totals: dict = {}
-    for x in jax.tree.leaves(tree):
-        n = int(x.dtype.itemsize * jax.numpy.prod(jax.numpy.array(x.sharding.shard_shape(x.shape))))
-        for d in x.sharding.device_set:
-            totals[d] = totals.get(d, 0) + n
-    return max(totals.values())
 
 
 def analysis(compiled) -> dict:
@@ -77,7 +67,7 @@ def measure(name: str, overrides: list[str], data: int, pipe: int) -> dict:
     total = state_bytes(after, step.layouts)[0]
     rows = {}
     for label, state in (("before", before), ("after", after)):
-        row = {"params": per_device(state["params"]), "optimizer": per_device(state["opt_state"])}
+        row = {"params": bytes_per_device(state["params"]), "optimizer": bytes_per_device(state["opt_state"])}
         if label == "after":
             row["step"] = analysis(ex._build(("train", sig)).lower(after, ex.masks, *inputs).compile())
         else:

@@ -179,8 +179,7 @@ class PipelineExecutor:
         staged = self.to_stage(params)
         args = (staged, self.masks, *self.device_inputs(arrays, ops, recv, n_ticks))
         loss, grads = self.cache.get(("grads", sig), *args)(*args)
-        grads = {m: grads[m] if m in grads else jax.tree.map(jnp.zeros_like, staged[m]) for m in staged}
-        return loss, self.to_model(like(staged, grads))
+        return loss, self.to_model(with_frozen(staged, grads))
 
     # -- training -------------------------------------------------------------------------
     def train_step(self, state: dict, arrays: dict[str, np.ndarray], plans: list[Plan], buckets: dict | None = None):
@@ -216,9 +215,7 @@ class PipelineExecutor:
         def train(state, masks, batch, ops, recv, n_ticks):
             params = state["params"]
             loss, grads = core(params, masks, batch, ops, recv, n_ticks)
-            # frozen modules have no backward ops: their (zero) gradients are made here
-            grads = like(params, {m: grads[m] if m in grads else jax.tree.map(jnp.zeros_like, params[m])
-                                  for m in params})
+            grads = with_frozen(params, grads)
             updates, opt_state = tx.update(grads, state["opt_state"], params)
             new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                    "step": state["step"] + 1, "rng": state["rng"]}
@@ -227,6 +224,11 @@ class PipelineExecutor:
 
     def _put(self, x, names):
         return jax.device_put(x, named(self.mesh, *names))
+
+
+def with_frozen(params, grads):
+    """Gradients for every module of `params`: modules without backward ops (frozen) get zeros."""
+    return like(params, {m: grads[m] if m in grads else jax.tree.map(jnp.zeros_like, params[m]) for m in params})
 
 
 def _pad_axis1(a: np.ndarray, n: int, fill) -> np.ndarray:

@@ -3,8 +3,8 @@
 A pipelined run keeps its block parameters and their optimizer moments in the stage layout
 [P, K, Lc, ...], split over the pipeline stages (runtime/stages.py, runtime/sharding.py); the
 reference step keeps the model layout, replicated. Either state is created directly in its
-layout and shardings by one compiled program, so no device ever holds the whole model unless
-its layout says so.
+layout and shardings (parameters initialised on the host and cut into shards, optimizer state
+created sharded), so no device ever holds the whole model unless its layout says so.
 """
 from __future__ import annotations
 
@@ -46,11 +46,14 @@ def model_layouts(cfg: TrainConfig) -> Layouts:
     return {m: None for m in cfg.model.modules}
 
 
+def _initial_params(cfg: TrainConfig, layouts: Layouts):
+    return relayout(nnx.state(build_model(cfg.model, seed=cfg.train.seed)), model_layouts(cfg), layouts)
+
+
 def state_shapes(cfg: TrainConfig, tx, mesh, layouts: Layouts) -> dict:
     """The train state in `layouts` as ShapeDtypeStructs with their shardings (nothing allocated)."""
     staged = any(l is not None for l in layouts.values())
-    shapes = jax.eval_shape(lambda: _state(relayout(nnx.state(build_model(cfg.model, seed=cfg.train.seed)),
-                                                    model_layouts(cfg), layouts), tx, cfg.train.seed))
+    shapes = jax.eval_shape(lambda: _state(_initial_params(cfg, layouts), tx, cfg.train.seed))
     shardings = state_shardings(mesh, shapes, tuple(layouts), staged)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
@@ -63,8 +66,7 @@ def create_state(cfg: TrainConfig, tx, mesh, layouts: Layouts) -> dict:
     accelerator fits) and cut into shards from there; the optimizer state is created on the
     devices, already sharded. Every process computes the same host values (same seed)."""
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        params = jax.jit(lambda: relayout(nnx.state(build_model(cfg.model, seed=cfg.train.seed)),
-                                          model_layouts(cfg), layouts))()
+        params = jax.jit(lambda: _initial_params(cfg, layouts))()
     shardings = jax.tree.map(lambda x: x.sharding, state_shapes(cfg, tx, mesh, layouts))
     params = jax.tree.map(lambda a, s: _from_host(np.asarray(a), s), params, shardings["params"])
     rest = jax.jit(lambda p: {k: v for k, v in _state(p, tx, cfg.train.seed).items() if k != "params"},
@@ -91,6 +93,13 @@ def state_bytes(state: dict, layouts: Layouts) -> tuple[int, int]:
     tree = {"params": state["params"], "opt_state": state["opt_state"]}
     logical = jax.eval_shape(lambda t: relayout(t, layouts, {m: None for m in layouts}), tree)
     total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(logical))
+    return total, bytes_per_device(tree)
+
+
+def bytes_per_device(tree) -> int:
+    """The most bytes of `tree` one device holds, summed over the shards that live on it.
+    Leaves: live arrays (their addressable shards), or ShapeDtypeStructs with shardings (every
+    device of each sharding is counted)."""
     per_device: collections.Counter = collections.Counter()
     for x in jax.tree.leaves(tree):
         if isinstance(x, jax.Array):
@@ -100,4 +109,4 @@ def state_bytes(state: dict, layouts: Layouts) -> tuple[int, int]:
             nbytes = int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
             for device in x.sharding.device_set:
                 per_device[device] += nbytes
-    return total, max(per_device.values(), default=0)
+    return max(per_device.values(), default=0)
