@@ -81,12 +81,27 @@ class CheckpointGuard:
         # whole traceback; the same error is raised again by `wait`, where it becomes one line
         self._hook = threading.excepthook
         threading.excepthook = self._quiet_save_threads
+        # a failed write also aborts orbax's event loop while tensorstore still completes its
+        # futures from native threads: each tries `loop.call_soon_threadsafe` on the closed loop
+        # and the error is printed through sys.excepthook, at any moment until the process ends
+        self._sys_hook = sys.excepthook
+        sys.excepthook = self._quiet_closed_loop
         logging.getLogger("absl").addFilter(self._quiet_save_logs)
 
     @staticmethod
     def _quiet_save_logs(record: logging.LogRecord) -> bool:
         """Drop orbax's own error logs (multi-screen tracebacks); the guard reports the failure."""
         return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+    def _quiet_closed_loop(self, kind, value, tb) -> None:
+        frames, t = [], tb
+        while t is not None:
+            frames.append(t.tb_frame.f_code.co_filename)
+            t = t.tb_next
+        stray = (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+                 and frames and all(os.sep + "asyncio" + os.sep in f for f in frames))
+        if not stray:
+            self._sys_hook(kind, value, tb)
 
     def _quiet_save_threads(self, args) -> None:
         tb, frames = args.exc_traceback, []
@@ -146,6 +161,8 @@ class CheckpointGuard:
                     raise
             finally:
                 threading.excepthook = self._hook
+                if not self.failed:           # after a failure, stray reports may come until exit
+                    sys.excepthook = self._sys_hook
                 logging.getLogger("absl").removeFilter(self._quiet_save_logs)
 
     # -- restoring -------------------------------------------------------------------------
