@@ -269,7 +269,7 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     schedule: str = "none"
-    hardware: str = "cpu"
+    hardware: str = "cpu"              # cost profile: a shipped name, a .json file, or "auto" (calibrate at start)
     memory_cap_gb: float = 80.0
     search_rollouts: int = 8           # DIP search budget per batch (deterministic)
     step_cache_size: int = 8           # compiled pipeline programs kept (LRU)
@@ -289,6 +289,10 @@ class PipelineConfig:
         _require(self.schedule in SCHEDULES, "pipeline.schedule",
                  f"unknown scheduler {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         _require(self.memory_cap_gb > 0, "pipeline.memory_cap_gb", "must be > 0")
+        from dip_jax.plan.hardware import available
+        _require(self.hardware == "auto" or self.hardware.endswith(".json") or self.hardware in available(),
+                 "pipeline.hardware", f"{self.hardware!r} is neither 'auto', a .json profile nor one of "
+                 f"{', '.join(available())}")
 
 
 @dataclasses.dataclass(frozen=True)

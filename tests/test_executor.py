@@ -199,15 +199,26 @@ def _tick_loop_permutes(ex, setup, plans) -> int:
     return len(re.findall(r" collective-permute(?:-start)?\(", body))
 
 
+def _reduction_operands(ex, setup, plans) -> list[int]:
+    """Operands of each all-reduce of the program (gloo runs a tuple all-reduce one by one)."""
+    sig = ex.tables(plans, setup.buckets)[3]
+    hlo = ex.cache._programs[("grads", sig)].as_text()
+    return [len(re.findall(r"[fs]\d+\[", m)) for m in re.findall(r"%[\w.\-]+ = (.*?) all-reduce\(", hlo)]
+
+
 def test_one_collective_per_direction_and_tick(encoders):
     """All channels of a direction (activations, encoder outputs, cotangents of every module)
-    travel in one packed ppermute: 2 per tick, not one per channel."""
+    travel in one packed ppermute: 2 per tick, not one per channel; after the loop, the
+    gradients (and the loss) are reduced in one buffer per sharding, not leaf by leaf."""
     plans = encoders.plans(lambda g: schedule_baseline("gpipe", g, UNIT_COSTS))
     assert _tick_loop_permutes(encoders.ex, encoders, plans) == 2
-    # negative control: one collective per channel
+    packed = _reduction_operands(encoders.ex, encoders, plans)
+    assert packed and max(packed) == 1, packed
+    # negative control: one collective per channel, one reduction operand per gradient leaf
     unpacked = PipelineExecutor(encoders.model, encoders.partition, make_mesh(1, 4), {"vision": 4, "audio": 2, "dit": 3},
                                 48, packed_channels=False)
     assert _tick_loop_permutes(unpacked, encoders, plans) > 2
+    assert max(_reduction_operands(unpacked, encoders, plans)) > 2
 
 
 def test_200_dynamic_batches_need_at_most_4_programs(root):

@@ -45,8 +45,11 @@ def _block(tokens: int, seq: int, dim: int, attn_dim: int, matmul_params: int, c
 class CostModel:
     """Op latencies and memory for one model on one hardware profile with TP `tp`."""
 
-    def __init__(self, model: ModelConfig, hw: Hardware, tp: int = 1, seq_len: int = 8192):
+    def __init__(self, model: ModelConfig, hw: Hardware, tp: int = 1, seq_len: int = 8192, calibration=None):
+        """`calibration`: a `plan.calibrated.Calibration` measured on the running backend; its
+        op, tick and step costs replace the roofline's for the modules it covers."""
         self.model, self.hw, self.tp, self.seq_len = model, hw, tp, seq_len
+        self.calibration = calibration
 
     # -- shapes --------------------------------------------------------------------------
     def tokens_per_unit(self, module: str) -> int:
@@ -109,6 +112,11 @@ class CostModel:
         """Latency of a forward ("F") or backward ("B") op over `layers` consecutive layers."""
         if units <= 0:
             return 0.0
+        cal = self.calibration
+        if cal is not None and cal.covers(module):
+            t = cal.op_seconds(module, kind, layers, units, last)
+            return t if kind == "F" or strategy == "recompute" else \
+                max(t - cal.op_seconds(module, "F", layers, units, last), 0.0)
         rows = units * self.tokens_per_unit(module)
         fwd = self.seconds(self.layer_work(module, units), rows) * layers + \
             self.seconds(self.extra_work(module, units, first, last), rows)
@@ -116,6 +124,21 @@ class CostModel:
         if kind == "F":
             return fwd
         return 2.0 * fwd + (fwd if strategy == "recompute" else 0.0)
+
+    def tick_seconds(self) -> float:
+        """What a lock-step tick costs beyond its busiest rank's ops (its sends)."""
+        if self.calibration is not None:
+            return self.calibration.tick_seconds
+        return self.p2p_seconds("llm", 1)
+
+    def step_seconds(self) -> float:
+        """What a step costs beyond its ticks (measured only: 0 without a calibration)."""
+        return self.calibration.step_seconds if self.calibration is not None else 0.0
+
+    def padded_layers(self, layers: tuple[int, ...]) -> tuple[int, ...]:
+        """Layers each chunk op computes: a calibrated model describes this runtime, whose
+        chunk stacks all have the depth of the deepest chunk (padding is masked, not skipped)."""
+        return tuple(max(layers) for _ in layers) if self.calibration is not None else tuple(layers)
 
     def p2p_seconds(self, module: str, units: int) -> float:
         e = self.hw.efficiency["p2p"]

@@ -33,6 +33,23 @@ def available() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
 
 
+def resolve(name_or_path: str):
+    """(Hardware, Calibration or None) of `pipeline.hardware`: a shipped profile's name, a
+    hardware JSON, or a calibration profile (which names the hardware it refines)."""
+    from dip_jax.plan.calibrated import read
+    if name_or_path == "auto":
+        raise ValueError("pipeline.hardware=auto is resolved when training starts (it calibrates); "
+                         "give a profile name or a calibration file here")
+    path = pathlib.Path(name_or_path)
+    if path.suffix == ".json":
+        if not path.exists():
+            raise ValueError(f"pipeline.hardware: no such file {name_or_path!r}")
+        cal = read(path)
+        if cal is not None:
+            return load(cal.base), cal
+    return load(name_or_path), None
+
+
 def load(name_or_path: str, overrides: dict | None = None) -> Hardware:
     """A shipped profile by name (h800, h100, tpu_v5e, cpu) or a JSON file path; `overrides`
     replaces fields (e.g. calibrated efficiency factors)."""

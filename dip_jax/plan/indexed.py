@@ -33,6 +33,7 @@ class Indexed:
         self.pair = [self.id[Op(F, op.module, op.chunk, op.mb, op.sub)] if op.kind == B else -1 for op in self.ops]
         self.static = [costs.static(r) for r in range(self.P)]
         self.tick_overhead = costs.tick_overhead
+        self.step_overhead = costs.step_overhead
 
     def order_ids(self, plan: Plan) -> list[list[int]]:
         return [[self.id[op] for op in ops] for ops in plan.order]

@@ -235,4 +235,4 @@ def tick_ids(ix: Indexed, prio: list[int], memory_cap: float | None = None) -> t
                 waiting[s] -= 1
                 if waiting[s] == 0:
                     heapq.heappush(ready[rank[s]][is_b[s]], (prio[s], s))
-    return order, (seconds if exact else None)
+    return order, (seconds + ix.step_overhead if exact else None)

@@ -77,7 +77,7 @@ class ModalityPartition:
         lat, stored, working = {}, {}, {}
         for m in self.modules:
             n = m.chunks
-            for c, L in enumerate(m.layers):
+            for c, L in enumerate(cost.padded_layers(m.layers)):
                 for kind in ("F", "B"):
                     lat[(kind, m.name, c)] = cost.op_seconds(m.name, kind, L, m.unit, c == 0, c == n - 1)
                 stored[(m.name, c)] = cost.stored_bytes(m.name, L, m.unit)
@@ -93,7 +93,8 @@ class ModalityPartition:
                      stored=lambda op: stored[(op.module, op.chunk)],
                      working=lambda op: working[(op.module, op.chunk)],
                      static=lambda r: static[r],
-                     tick_overhead=max(p2p.values()))
+                     tick_overhead=cost.tick_seconds() if cost.calibration is not None else max(p2p.values()),
+                     step_overhead=cost.step_seconds())
 
 
 PROBED_CANDIDATES = 6
@@ -200,7 +201,8 @@ class MixedPartition:
         return Costs(latency=latency, p2p=p2p, stored=stored,
                      working=lambda op: sum(cost.working_bytes(name, n, max(1, work.count(op.mb, name)))
                                             for name, _, n in self.segments[op.chunk]),
-                     static=lambda r: static[r], tick_overhead=cost.p2p_seconds("llm", 1))
+                     static=lambda r: static[r], tick_overhead=cost.tick_seconds(),
+                     step_overhead=cost.step_seconds())
 
 
 def _layer_list(model: ModelConfig):

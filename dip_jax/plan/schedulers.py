@@ -55,8 +55,8 @@ class PlanContext:
     def __init__(self, cfg: TrainConfig, hw_profile: str | None = None, partition: ModalityPartition | None = None):
         """`partition`: one already chosen for this config (skips probing candidates)."""
         self.cfg = cfg
-        self.hw = hardware.load(hw_profile or cfg.pipeline.hardware)
-        self.cost = CostModel(cfg.model, self.hw, cfg.mesh.tensor, cfg.data.seq_len)
+        self.hw, calibration = hardware.resolve(hw_profile or cfg.pipeline.hardware)
+        self.cost = CostModel(cfg.model, self.hw, cfg.mesh.tensor, cfg.data.seq_len, calibration)
         d = cfg.data
         max_items = {"vision": d.max_images, "audio": d.max_audio_clips, "dit": d.max_video_clips}
         self.memory_cap = cfg.pipeline.memory_cap_gb * 1e9
@@ -66,7 +66,7 @@ class PlanContext:
             self.partition, modules=tuple(dataclasses.replace(m, backward=False) for m in self.partition.modules))
         self._sub_seconds = {   # forward + backward of one sub-microbatch through all of a module's chunks
             m.name: sum(self.cost.op_seconds(m.name, k, L, m.unit, c == 0, c == m.chunks - 1)
-                        for c, L in enumerate(m.layers) for k in (("F", "B") if m.backward else ("F",)))
+                        for c, L in enumerate(self.cost.padded_layers(m.layers)) for k in (("F", "B") if m.backward else ("F",)))
             for m in self.partition.modules}
         self._static = {}
 

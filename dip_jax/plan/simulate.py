@@ -27,6 +27,7 @@ class Costs:
     working: Callable[[Op], float] = lambda op: 0.0      # transient bytes while a B op runs
     static: Callable[[int], float] = lambda rank: 0.0    # weights, grads, optimizer state
     tick_overhead: float = 0.0
+    step_overhead: float = 0.0                           # once per step (measured by calibration)
 
 
 @dataclasses.dataclass
@@ -118,7 +119,7 @@ def run(ix, order: list[list[int]], mode: str):
                 if v > t:
                     t = v
             start[i], end[i] = t, t + lat[i]
-        return start, end, None, max((end[i] for i in topo), default=0.0)
+        return start, end, None, max((end[i] for i in topo), default=0.0) + ix.step_overhead
     tick = [0] * n
     used = set()
     is_b = ix.is_b
@@ -146,7 +147,7 @@ def run(ix, order: list[list[int]], mode: str):
         if is_b[i]:
             s += load[tick[i]][rank[i]] - lat[i]
         start[i], end[i] = s, s + lat[i]
-    return start, end, tick, acc
+    return start, end, tick, acc + ix.step_overhead
 
 
 def iteration_seconds(ix, order: list[list[int]], mode: str = "lockstep") -> float:

@@ -195,17 +195,7 @@ def lower(plan: Plan, buckets: dict | None = None) -> Table:
                     tuple(m.backward for m in g.modules), sb, cb, nb, nc, T)
     cols = sig.recv_columns()
     k_of = {m: i for i, m in enumerate(mods)}
-    ops = np.zeros((T, P, OP_FIELDS), np.int32)
-    recv = np.zeros((T, P, len(cols)), np.int32)
-    for m, k in k_of.items():
-        recv[:, :, cols[f"f:{m}"]] = sb[k]
-        recv[:, :, cols[f"b:{m}"]] = cb[k]
-    for e in sig.encoders:
-        recv[:, :, cols[f"bnd:{e}"]] = nb
-        recv[:, :, cols[f"bcot:{e}"]] = nb
-    if "dit" in mods:
-        recv[:, :, cols["cond"]] = nc
-        recv[:, :, cols["hcot"]] = nc
+    ops, recv = idle(sig)
     first_dit_b, last_dit_b = {}, {}      # per microbatch: its dit sub-microbatches' first/last backward
     if "dit" in mods and g.module("dit").backward:
         for mb in range(g.microbatches):
@@ -251,3 +241,35 @@ def lower(plan: Plan, buckets: dict | None = None) -> Table:
             elif op.module == "dit" and last_dit_b.get(op.mb) == op and op.mb in hcot:
                 recv[t, (r - 1) % P, cols["hcot"]] = hcot[op.mb]
     return Table(ops, recv, need["ticks"], sig)
+
+
+def idle(sig: Signature) -> tuple[np.ndarray, np.ndarray]:
+    """(ops, recv) of t_max ticks in which nothing runs and every arrival goes to the trash."""
+    cols = sig.recv_columns()
+    ops = np.zeros((sig.t_max, sig.P, OP_FIELDS), np.int32)
+    recv = np.zeros((sig.t_max, sig.P, len(cols)), np.int32)
+    for k, m in enumerate(sig.modules):
+        recv[:, :, cols[f"f:{m}"]] = sig.stash_slots[k]
+        recv[:, :, cols[f"b:{m}"]] = sig.cot_slots[k]
+    for e in sig.encoders:
+        recv[:, :, cols[f"bnd:{e}"]] = sig.boundary_slots
+        recv[:, :, cols[f"bcot:{e}"]] = sig.boundary_slots
+    if "dit" in sig.modules:
+        recv[:, :, cols["cond"]] = sig.cond_slots
+        recv[:, :, cols["hcot"]] = sig.cond_slots
+    return ops, recv
+
+
+def busy(sig: Signature, module: str, kind: str, v: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(ops, recv) in which every rank runs `kind` of its chunk v of `module` on every tick, on
+    trash inputs and into trash outputs: what one op costs inside the tick loop (calibration)."""
+    ops, recv = idle(sig)
+    k = sig.modules.index(module)
+    trash_aux = sig.cond_slots if module == "dit" or (module == "llm" and kind == B) else sig.boundary_slots
+    if kind == F:
+        ops[:, :, F_ON:F_AUX + 1] = (1, k, v, 0, 0, sig.stash_slots[k], trash_aux)
+    else:
+        if not sig.backward[k]:
+            raise ValueError(f"{module} has no backward ops in this signature")
+        ops[:, :, B_ON:B_FIRST + 1] = (1, k, v, 0, 0, sig.stash_slots[k], sig.cot_slots[k], trash_aux, 0)
+    return ops, recv

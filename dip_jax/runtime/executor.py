@@ -26,7 +26,7 @@ from jax import lax
 from dip_jax.models.lmm import flow_loss_sum, flow_targets, lm_loss_sum
 from dip_jax.plan import tables as T
 from dip_jax.runtime import sharding as S
-from dip_jax.runtime.channels import packed_ppermute
+from dip_jax.runtime.channels import packed_ppermute, packed_psum
 from dip_jax.runtime.sharding import REPLICA, STAGE
 from dip_jax.runtime.stages import like
 
@@ -54,8 +54,8 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True):
     `params`: per module, the stage-layout parameters (block stacks [P, K, Lc, ...] split over
     the stages, other parameters replicated); `grads` has their layout, for the modules with
     backward ops, reduced over the data replicas. `packed=False` sends one collective per
-    channel (what the tick cost was before packing; kept to measure it and for the HLO lint's
-    negative control).
+    channel and gradient leaf (what a tick and a step cost before packing; kept to measure it and
+    for the HLO lint's negative control).
     """
     Pn = sig.P
     mods = sig.modules
@@ -70,6 +70,7 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True):
     has_dit = "dit" in mods
     send = ((lambda tree, perm: packed_ppermute(tree, STAGE, perm)) if packed else
             (lambda tree, perm: jax.tree.map(lambda x: lax.ppermute(x, STAGE, perm), tree)))
+    reduce = packed_psum if packed else (lambda tree, axes: jax.tree.map(lambda x: lax.psum(x, axes), tree))
     fwd_perm = [(i, (i + 1) % Pn) for i in range(Pn)]
     bwd_perm = [(i, (i - 1) % Pn) for i in range(Pn)]
     D = spec.llm_dim
@@ -246,11 +247,12 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True):
             return new, grads, loss
 
         bufs, grads, loss = lax.fori_loop(0, n_ticks, tick, (bufs, grads, jnp.zeros((), jnp.float32)))
-        loss = lax.psum(loss, (STAGE, REPLICA))
+        # two packed reductions: stage stacks over the replicas, everything replicated over all
+        stacks = reduce(grads["stacks"], REPLICA)
+        loss, edges = reduce((loss, grads["edges"]), (STAGE, REPLICA))
         out = {}
-        for m in grads["stacks"]:
-            g = {"blocks": jax.tree.map(lambda g: lax.psum(g, REPLICA)[None], grads["stacks"][m])}
-            g.update(jax.tree.map(lambda g: lax.psum(g, (STAGE, REPLICA)), grads["edges"][m]))
+        for m in stacks:
+            g = {"blocks": jax.tree.map(lambda g: g[None], stacks[m]), **edges[m]}
             out[m] = like(params[m], nnx.State(g))
         return loss, out
 

@@ -22,6 +22,7 @@ from dip_jax.plan.partition import ModalityPartition
 from dip_jax.plan.schedule import Plan
 from dip_jax.runtime.cache import StepCache
 from dip_jax.runtime.executor import ENCODER_INPUT, build_step
+from dip_jax.runtime.norms import sharded_global_norm
 from dip_jax.runtime.sharding import REPLICA, REPLICA_BATCH, SCALAR, TABLE, named, state_shardings
 from dip_jax.runtime.stages import StageLayout, like, relayout
 
@@ -72,6 +73,7 @@ class PipelineExecutor:
         self._buckets: dict = {}
         self._relayouts: dict = {}
         self.masks = {m: jax.device_put(l.index()[1], named(mesh, "stage")) for m, l in self.layouts.items()}
+        self.global_norm = sharded_global_norm(mesh, self.modules, True)
         self.cache = StepCache(self._build, cache_size, persistent_cache_dir)
 
     def _carry_shape(self, model, m, seq_len):
@@ -219,11 +221,18 @@ class PipelineExecutor:
             updates, opt_state = tx.update(grads, state["opt_state"], params)
             new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                    "step": state["step"] + 1, "rng": state["rng"]}
-            return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+            return new, {"loss": loss, "grad_norm": self.global_norm(grads)}
         return jax.jit(train, donate_argnums=0)
 
     def _put(self, x, names):
-        return jax.device_put(x, named(self.mesh, *names))
+        """Every process holds the whole host array: each places its own shards (device_put of
+        a host array onto devices of several processes costs a cross-process exchange per array)."""
+        sharding = named(self.mesh, *names)
+
+        def place(a):
+            a = np.asarray(a)
+            return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+        return jax.tree.map(place, x)
 
 
 def with_frozen(params, grads):

@@ -128,6 +128,15 @@ class RunStats:
         if record.get("scheduler") is not None:
             self.records.append(record)
 
+    def prediction_error_median_abs(self) -> float | None:
+        """Median |measured/predicted - 1| over the logged steps that compiled nothing."""
+        errs = sorted(abs(r["prediction_error"]) for r in self.records
+                      if isinstance(r.get("prediction_error"), (int, float)) and not r.get("step_compiled"))
+        if not errs:
+            return None
+        n = len(errs)
+        return errs[n // 2] if n % 2 else (errs[n // 2 - 1] + errs[n // 2]) / 2
+
     def summary(self, wall_seconds: float) -> dict:
         out = {"first_loss": self.losses[0] if self.losses else None,
                "last_loss": self.losses[-1] if self.losses else None,
@@ -142,7 +151,8 @@ class RunStats:
                 "plan_wait_seconds": self.wait_seconds, "plan_wait_fraction": self.wait_seconds / wall_seconds,
                 "mean_plan_seconds": mean("plan_seconds"), "mean_bubble_fraction": mean("bubble_fraction"),
                 "mean_predicted_step_seconds": mean("predicted_step_seconds"),
-                "mean_measured_step_seconds": mean("step_seconds")}
+                "mean_measured_step_seconds": mean("step_seconds"),
+                "prediction_error_median_abs": self.prediction_error_median_abs()}
 
     @staticmethod
     def table(summary: dict) -> str:

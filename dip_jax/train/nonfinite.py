@@ -13,17 +13,18 @@ from dip_jax.config import TrainSection
 from dip_jax.train.errors import RunStopped
 
 
-def skip_nonfinite(inner):
+def skip_nonfinite(inner, global_norm=None):
     """optax transformation: `inner`'s update, or a zero update and the unchanged optimizer
     state when the gradients or the update are not finite. Same state structure as `inner`, so
-    checkpoints do not depend on it."""
+    checkpoints do not depend on it. `global_norm`: how to take a tree's norm (optax's by default)."""
     import jax
     import jax.numpy as jnp
     import optax
+    norm = global_norm or optax.tree.norm
 
     def update(grads, state, params=None):
         updates, new_state = inner.update(grads, state, params)
-        ok = jnp.isfinite(optax.tree.norm(grads)) & jnp.isfinite(optax.tree.norm(updates))
+        ok = jnp.isfinite(norm(grads)) & jnp.isfinite(norm(updates))
         updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
         new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
         return updates, new_state

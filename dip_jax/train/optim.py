@@ -26,7 +26,25 @@ def module_labels(params):
     return jax.tree_util.tree_map_with_path(lambda p, _: module_of(p), params)
 
 
-def build_optimizer(cfg: OptimConfig, total_steps: int, modules: tuple[str, ...]) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float, global_norm) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm (same arithmetic) with the norm computed by `global_norm`."""
+    import jax.numpy as jnp
+
+    def update(updates, state, params=None):
+        g = global_norm(updates)
+        trigger = g < max_norm
+        return jax.tree.map(lambda t: jax.lax.select(trigger, t, (t / g.astype(t.dtype)) * max_norm), updates), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def build_optimizer(cfg: OptimConfig, total_steps: int, modules: tuple[str, ...], mesh=None,
+                    staged: bool = False) -> optax.GradientTransformation:
+    """With `mesh`, the global norms (clipping, non-finite checks) take one all-reduce per
+    sharding pattern of the state (`staged`: the stage layout) instead of one per leaf."""
+    global_norm = optax.tree.norm
+    if mesh is not None:
+        from dip_jax.runtime.norms import sharded_global_norm
+        global_norm = sharded_global_norm(mesh, modules, staged)
     sched = lr_schedule(cfg, total_steps)
     mult = dict(cfg.lr_multipliers)
 
@@ -39,6 +57,7 @@ def build_optimizer(cfg: OptimConfig, total_steps: int, modules: tuple[str, ...]
         {m: optax.set_to_zero() if m in cfg.frozen else optax.identity() for m in modules}, module_labels)
     parts = [zero_frozen]
     if cfg.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+        parts.append(clip_by_global_norm(cfg.grad_clip, global_norm) if mesh is not None
+                     else optax.clip_by_global_norm(cfg.grad_clip))
     parts.append(optax.multi_transform(per_module, module_labels))
-    return skip_nonfinite(optax.chain(*parts))      # a NaN step never reaches the state
+    return skip_nonfinite(optax.chain(*parts), global_norm)      # a NaN step never reaches the state

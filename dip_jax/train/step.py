@@ -18,11 +18,16 @@ def loss_fn(graphdef, params, batch):
     return nnx.merge(graphdef, params)(batch)
 
 
-def make_train_step(graphdef, tx):
+def make_train_step(graphdef, tx, remat: bool = False):
+    """`remat`: the backward recomputes the forward (as the pipelined executor's chunks do), so
+    that benchmarks can compare like with like."""
+    objective = functools.partial(loss_fn, graphdef)
+    if remat:
+        objective = jax.checkpoint(objective)
+
     @functools.partial(jax.jit, donate_argnums=0)
     def train_step(state, batch):
-        (loss, aux), grads = jax.value_and_grad(functools.partial(loss_fn, graphdef), has_aux=True)(
-            state["params"], batch)
+        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state["params"], batch)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
                "step": state["step"] + 1, "rng": state["rng"]}

@@ -36,8 +36,9 @@ from dip_jax.train.state import abstract_model, count_params, create_state, mode
 from dip_jax.train.step import make_eval_loss, make_logits_fn, make_train_step, put_batch
 from dip_jax.train.workdir import workdir_session
 
-PLAN_FIELDS = ("scheduler", "predicted_step_seconds", "lower_bound_seconds", "bubble_fraction", "plan_seconds",
-               "plan_fallback", "plan_fallback_reason", "plan_wait_seconds", "compiles", "cache_hits")
+PLAN_FIELDS = ("scheduler", "predicted_step_seconds", "prediction_error", "lower_bound_seconds", "bubble_fraction",
+               "plan_seconds", "plan_fallback", "plan_fallback_reason", "plan_wait_seconds", "compiles", "cache_hits",
+               "step_compiled")
 
 
 def _eval_batch_count(cfg: TrainConfig, probe) -> int:
@@ -113,14 +114,18 @@ def _wants_timeline(cfg: TrainConfig, step: int, start: int) -> bool:
     return step - start <= t.timeline_first or (t.timeline_every > 0 and step % t.timeline_every == 0)
 
 
-def _write_timeline(workdir: pathlib.Path, step: int, plan, measured: float) -> None:
+def _write_timeline(workdir: pathlib.Path, step: int, plan, measured: float, median_error: float | None) -> None:
     from dip_jax.viz.timeline import write_png, write_trace
     out = workdir / "timelines"
     out.mkdir(exist_ok=True)
     r = plan.slowest
     title = f"step {step} ({plan.scheduler}, replica {plan.slowest_index})"
-    write_png(r.plan, r.timeline, out / f"step_{step}.png", title, measured_seconds=measured)
-    write_trace(r.plan, r.timeline, out / f"step_{step}.trace.json", f"{title}, measured {measured:.4g} s")
+    write_png(r.plan, r.timeline, out / f"step_{step}.png", title, measured_seconds=measured,
+              median_error=median_error)
+    error = f"prediction error {measured / r.timeline.iteration_seconds - 1:+.1%}"
+    if median_error is not None:
+        error += f", run median |error| {median_error:.1%}"
+    write_trace(r.plan, r.timeline, out / f"step_{step}.trace.json", f"{title}, measured {measured:.4g} s, {error}")
 
 
 def _gb(n: int) -> str:
@@ -161,15 +166,22 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
     check_state_fits(cfg, [d for d in mesh.devices.flat if d.process_index == jax.process_index()])
 
     graphdef, model = abstract_model(cfg)
-    tx = build_optimizer(cfg.optim, cfg.train.steps, cfg.model.modules)
     pipelined = cfg.pipeline.schedule != "none"
+    tx = build_optimizer(cfg.optim, cfg.train.steps, cfg.model.modules, mesh if pipelined else None, pipelined)
     planner = None
     if pipelined:
         from dip_jax.plan.schedulers import PlanContext
         from dip_jax.train.pipelined import PipelinedStep
         from dip_jax.train.planning import Planner
+        measured_on = None
+        if cfg.pipeline.hardware == "auto":
+            from dip_jax.calibrate import resolve_auto
+            cfg, measured_on = resolve_auto(cfg, workdir, mesh, model, tx)
         planner = Planner(cfg) if lead else None        # other processes receive process 0's plans
-        step_fn = PipelinedStep(cfg, model, mesh, tx, planner.ctx if planner else PlanContext(cfg))
+        ctx = planner.ctx if planner else PlanContext(cfg)
+        step_fn = PipelinedStep(cfg, model, mesh, tx, ctx,
+                                measured_on if measured_on is not None and measured_on.partition == ctx.partition
+                                else None)
         layouts = step_fn.layouts
     else:
         reference = make_train_step(graphdef, tx)
@@ -208,6 +220,7 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
     step = start
     try:
         for step, batch, data_state, plan in BatchFeed(cfg, data, start, planner, pipelined):
+            compiles_before = step_fn.cache_fields["compiles"] if plan is not None else 0
             t0 = time.perf_counter()
             state, metrics = step_fn(state, batch, plan)
             stats.add_plan(plan)
@@ -220,6 +233,8 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
                 fields = dict.fromkeys(PLAN_FIELDS)
                 if plan is not None:
                     fields.update(plan.fields(), **step_fn.cache_fields)
+                    fields["prediction_error"] = measured / fields["predicted_step_seconds"] - 1.0
+                    fields["step_compiled"] = fields["compiles"] > compiles_before
                     if plan.fallback:
                         print(f"dip_jax: step {step}: planner fell back to {plan.scheduler} ({plan.fallback})",
                               flush=True)
@@ -229,7 +244,7 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
                 stats.add_record(record)
                 log.progress(step, loss=metrics["loss"])
                 if timeline:
-                    _write_timeline(workdir, step, plan, measured)
+                    _write_timeline(workdir, step, plan, measured, stats.prediction_error_median_abs())
             if evaluator is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0 \
                     and step != cfg.train.steps:
                 log.write("eval", step, **evaluator(state["params"]))

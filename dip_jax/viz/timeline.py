@@ -28,7 +28,9 @@ def write_trace(plan, timeline, path, title: str = "") -> None:
     pathlib.Path(path).write_text(json.dumps(trace_events(plan, timeline, title)))
 
 
-def write_png(plan, timeline, path, title: str = "", measured_seconds: float | None = None) -> None:
+def write_png(plan, timeline, path, title: str = "", measured_seconds: float | None = None,
+              median_error: float | None = None) -> None:
+    """`median_error`: the run's median |measured/predicted - 1| so far, shown beside this step's."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
@@ -53,7 +55,9 @@ def write_png(plan, timeline, path, title: str = "", measured_seconds: float | N
     info = (f"{title or plan.scheduler} — {timeline.mode}: {timeline.iteration_seconds * scale:.3g} {unit}, "
             f"bubble {100 * timeline.bubble_fraction:.1f}%")
     if measured_seconds is not None:
-        info += f", measured {measured_seconds * scale:.3g} {unit}"
+        info += (f", measured {measured_seconds * scale:.3g} {unit} "
+                 f"(prediction error {measured_seconds / timeline.iteration_seconds - 1:+.1%}")
+        info += f", run median |error| {median_error:.1%})" if median_error is not None else ")"
     ax.set_title(info, fontsize=9)
     ax.set_xlim(0, timeline.iteration_seconds * scale * 1.01)
     fig.tight_layout()

@@ -1,0 +1,351 @@
+"""Calibrate the cost model on the running backend.
+
+    python -m dip_jax.calibrate --config configs/X.py [--config.KEY=VALUE ...] [--out profile.json]
+
+writes a calibration profile (`plan/calibrated.py`) that `--config.pipeline.hardware=PATH` reads;
+`--config.pipeline.hardware=auto` calibrates when training starts and keeps the profile in the
+workdir, keyed by backend, device kind, jax version, mesh and model config.
+
+Two kinds of measurement:
+- each module's chunk op alone (jit of embed -> layers -> head, forward; and the backward with
+  its recomputed forward, as the executor runs it) on one device, over a grid of layer counts
+  and sub-microbatch units; a linear fit per module and kind, checked on shapes not fitted;
+- the executor itself on the run's mesh, with synthetic tables (`plan/tables.py`: `idle`,
+  `busy`): a step of no ticks (the step's fixed cost), idle ticks (the tick's cost: its loop
+  and its packed sends between processes), and ticks in which every rank runs one module's op
+  (what the tick loop adds to the op measured alone).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from dip_jax.config import TrainConfig
+from dip_jax.plan import tables as T
+from dip_jax.plan.calibrated import Calibration
+
+KINDS = ("F", "B")
+
+
+def _timed(fn, reps: int = 200, budget: float = 0.3, least: int = 5) -> float:
+    """Median seconds of `fn()` after two warm-up calls: as many reps as fit `budget` (between
+    `least` and `reps`), since sub-millisecond ops on a busy host vary by 2x from call to call."""
+    jax.block_until_ready(fn())
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    reps = max(least, min(reps, int(budget / max(first, 1e-6))))
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+# -- one op alone ------------------------------------------------------------------------
+def _with_layers(cfg: TrainConfig, layers: int):
+    m = cfg.model
+    subs = {name: dataclasses.replace(getattr(m, name), layers=layers) for name in m.modules}
+    return dataclasses.replace(m, **subs)
+
+
+def _inputs(model_cfg, module: str, units: int, seq_len: int):
+    """Random inputs of one op: `units` items of an encoder or the dit, one sequence of the llm."""
+    rng = np.random.default_rng(0)
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    if module == "vision":
+        v = model_cfg.vision
+        return f(units, v.image_size, v.image_size, v.channels)
+    if module == "audio":
+        a = model_cfg.audio
+        return f(units, a.frames_per_clip, a.mel_bins)
+    if module == "llm":
+        tokens = jnp.asarray(rng.integers(0, model_cfg.llm.vocab_size, (1, seq_len)), jnp.int32)
+        return {"tokens": tokens, "segment_ids": jnp.ones((1, seq_len), jnp.int32),
+                "positions": jnp.arange(seq_len, dtype=jnp.int32)[None], "merges": ()}
+    d = model_cfg.dit
+    return {"x_t": f(units, d.tokens_per_clip, d.latent_channels), "t": jnp.full((units,), 0.5, jnp.float32),
+            "cond": f(units, d.cond_tokens, model_cfg.llm.dim), "cond_mask": jnp.ones((units, d.cond_tokens), bool)}
+
+
+def _op_fn(module_obj, kind: str, last: bool):
+    """The op as the executor computes it: the embedding in every op (kept only on a first
+    chunk), the layers, the head on the last chunk; backward = vjp of that forward."""
+    gd, state = nnx.split(module_obj)
+
+    def forward(state, stash, inputs, first):
+        mod = nnx.merge(gd, state)
+        x = jax.tree.map(lambda a, b: jnp.where(first, a, b), mod.embed(inputs), stash)
+        ctx = mod.context(inputs)
+        bdef, stack = nnx.split(mod.blocks)
+        y = lax.scan(lambda c, p: (mod.step(nnx.merge(bdef, p), c, ctx), None), x, stack)[0]
+        return mod.head(y) if last else y
+
+    if kind == "F":
+        return state, jax.jit(forward)
+
+    def backward(state, stash, inputs, first):
+        out, pull = jax.vjp(lambda s, x: forward(s, x, inputs, first), state, stash)
+        return pull(jax.tree.map(jnp.ones_like, out))
+    return state, jax.jit(backward)
+
+
+def _time_op(cfg: TrainConfig, models: dict, module: str, kind: str, layers: int, units: int, last: bool) -> float:
+    if layers not in models:
+        models[layers] = _build(cfg, layers)
+    model = models[layers]
+    mod = getattr(model, module)
+    inputs = _inputs(cfg.model, module, units, cfg.data.seq_len)
+    stash = jax.eval_shape(mod.embed, inputs)
+    stash = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stash)
+    state, fn = _op_fn(mod, kind, last)
+    first = jnp.asarray(False)
+    return _timed(lambda: fn(state, stash, inputs, first))
+
+
+def _build(cfg: TrainConfig, layers: int):
+    """The model with `layers` layers per module; random values straight from shapes (timing
+    does not need the real initialisers, which take seconds on a host)."""
+    from dip_jax.models.lmm import abstract_model
+    gd, state = nnx.split(abstract_model(_with_layers(cfg, layers)))
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype), state)
+    return nnx.merge(gd, state)
+
+
+def _grid(module: str, unit: int):
+    """(fit shapes, held-out shapes) of (layers, units). The llm's op is one sequence."""
+    if module == "llm":
+        return [(1, 1), (2, 1)], [(3, 1)]
+    u2 = max(2, 2 * unit)
+    return [(1, 1), (2, 1), (1, u2), (2, u2)], [(3, max(1, unit) + 1)]
+
+
+def _fit(points: list[tuple[int, int, float]]) -> dict:
+    """t = a + b*L + c*L*u, least squares (c = 0 when u never varies)."""
+    L = np.array([p[0] for p in points], float)
+    u = np.array([p[1] for p in points], float)
+    t = np.array([p[2] for p in points], float)
+    cols = [np.ones_like(L), L] + ([L * u] if len(set(u)) > 1 else [])
+    coef = np.linalg.lstsq(np.stack(cols, 1), t, rcond=None)[0]
+    return {"a": float(coef[0]), "b": float(coef[1]), "c": float(coef[2]) if len(coef) > 2 else 0.0}
+
+
+def measure_ops(cfg: TrainConfig, units: dict[str, int], backward: dict[str, bool], log=print):
+    """(ops fits, head fits, accuracy) for every module, on this process's first device."""
+    ops, head, acc = {}, {}, {}
+    models: dict = {}
+    with jax.default_device(jax.local_devices()[0]):
+        for m in cfg.model.modules:
+            fit_shapes, held = _grid(m, units.get(m, 1))
+            ops[m], head[m], acc[m] = {}, {}, {}
+            for kind in KINDS if backward.get(m, True) else ("F",):
+                pts = [(L, u, _time_op(cfg, models, m, kind, L, u, False)) for L, u in fit_shapes]
+                ops[m][kind] = f = _fit(pts)
+                L, u = fit_shapes[-1]
+                with_head = _time_op(cfg, models, m, kind, L, u, True)
+                head[m][kind] = {"a": 0.0, "b": max(with_head - pts[-1][2], 0.0) / u}
+                acc[m][kind] = []
+                for L, u in held:
+                    meas = _time_op(cfg, models, m, kind, L, u, False)
+                    pred = f["a"] + f["b"] * L + f["c"] * L * u
+                    acc[m][kind].append({"layers": L, "units": u, "predicted": pred, "measured": meas,
+                                         "accuracy": 1.0 - abs(pred - meas) / meas})
+                log(f"  {m:<7}{kind}  a={f['a'] * 1e3:8.3f} ms  b={f['b'] * 1e3:8.3f} ms/layer  "
+                    f"c={f['c'] * 1e3:8.3f} ms/layer/unit  head={head[m][kind]['b'] * 1e3:7.3f} ms/unit  "
+                    f"held-out accuracy {np.mean([a['accuracy'] for a in acc[m][kind]]):.1%}")
+            if "B" not in ops[m]:               # a module without backward: its B never runs
+                ops[m]["B"], head[m]["B"] = ops[m]["F"], head[m]["F"]
+        models.clear()
+    return ops, head, acc
+
+
+# -- the executor on the run's mesh -------------------------------------------------------
+def measure_runtime(executor, state, arrays: dict, plans: list, ops: dict, head: dict, log=print):
+    """(tick seconds, step seconds, in-executor surcharge per module and kind). `state` is
+    consumed (the step donates it): pass a copy."""
+    t0 = time.perf_counter()
+    _, _, _, sig = executor.tables(plans)
+    host_tables = time.perf_counter() - t0
+    D = executor.data
+
+    def run(table, n_ticks):
+        nonlocal state
+        o, r = (np.stack([a] * D) for a in table)
+        state, metrics = executor.run_train(state, executor.device_inputs(arrays, o, r, n_ticks), sig)
+        return metrics["loss"]
+
+    idle = T.idle(sig)
+    n = sig.t_max
+    base = _timed(lambda: run(idle, 0), reps=20, budget=2.0)
+    tick = max((_timed(lambda: run(idle, n), reps=20, budget=2.0) - base) / n, 0.0)
+    log(f"  step {(base + host_tables) * 1e3:.2f} ms without ticks, {tick * 1e3:.3f} ms per idle tick")
+    surcharge = {}
+    part = executor.partition
+    for mc in part.modules:
+        surcharge[mc.name] = {}
+        Lc = max(mc.layers)
+        for kind in KINDS if mc.backward else ("F",):
+            table = T.busy(sig, mc.name, kind)
+            per_tick = (_timed(lambda: run(table, n), reps=10, budget=2.0, least=3) - base) / n
+            f, h = ops[mc.name][kind], head[mc.name][kind]
+            alone = f["a"] + f["b"] * Lc + f["c"] * Lc * mc.unit
+            # chunk v=0 on every rank: rank P-1 holds the module's last chunk when K == 1
+            last = mc.chunks == part.P
+            pred = alone + (h["a"] + h["b"] * mc.unit if last else 0.0)
+            surcharge[mc.name][kind] = per_tick - tick - pred
+            log(f"  {mc.name:<7}{kind}  in the tick loop {(per_tick - tick) * 1e3:8.3f} ms, "
+                f"alone {pred * 1e3:8.3f} ms")
+    return tick, base + host_tables, surcharge
+
+
+def calibrate(cfg: TrainConfig, mesh, executor, ctx, log=print) -> Calibration:
+    """Measure everything on `executor` (built on `ctx.partition`) and its mesh."""
+    from dip_jax.data.pipeline import PackedBatches
+    from dip_jax.train.planning import plan_batch, reorder
+    from dip_jax.train.state import create_state
+    from dip_jax.runtime.distributed import broadcast_json
+    part = ctx.partition
+    log(f"dip_jax: calibrating on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+        f"mesh {dict(mesh.shape)}: ops alone")
+    ops, head, acc = measure_ops(cfg, {m.name: m.unit for m in part.modules},
+                                 {m.name: m.backward for m in part.modules}, log)
+    batch = PackedBatches(cfg)(0)
+    scheduler = cfg.pipeline.schedule if cfg.pipeline.schedule != "none" else "dip"
+    order, replicas = plan_batch(ctx, 1, batch.metadata, scheduler)
+    log("dip_jax: calibrating: the executor's step, tick and ops in the tick loop")
+    state = create_state(cfg, executor.tx, mesh, executor.layouts)
+    tick, step, surcharge = measure_runtime(executor, state, reorder(batch.arrays, order),
+                                            [r.plan for r in replicas], ops, head, log)
+    cal = Calibration(base=ctx.hw.name, ops=ops, head=head, in_executor=surcharge, tick_seconds=tick,
+                      step_seconds=step, key=profile_key(cfg, mesh), accuracy=acc)
+    # every process must plan with the same costs: process 0's measurements count
+    return Calibration.from_json(broadcast_json(cal.to_json()))
+
+
+def profile_key(cfg: TrainConfig, mesh) -> dict:
+    dev = jax.devices()[0]
+    model = json.loads(json.dumps(dataclasses.asdict(cfg.model), default=str))
+    d = cfg.data
+    return {"backend": jax.default_backend(), "device_kind": dev.device_kind, "jax": jax.__version__,
+            "processes": jax.process_count(), "mesh": {k: int(v) for k, v in mesh.shape.items()},
+            "model": model, "seq_len": d.seq_len, "microbatches": d.microbatches,
+            "items": [d.max_images, d.max_audio_clips, d.max_video_clips], "frozen": list(cfg.optim.frozen),
+            "base": _base(cfg)}
+
+
+def _base(cfg: TrainConfig) -> str:
+    h = cfg.pipeline.hardware
+    return "cpu" if h == "auto" else h
+
+
+def cached_path(cfg: TrainConfig, mesh, workdir: pathlib.Path) -> pathlib.Path:
+    digest = hashlib.sha256(json.dumps(profile_key(cfg, mesh), sort_keys=True).encode()).hexdigest()[:16]
+    return workdir / "calibration" / f"{jax.default_backend()}-{digest}.json"
+
+
+def resolve_auto(cfg: TrainConfig, workdir: pathlib.Path, mesh, model, tx, log=print):
+    """cfg with `pipeline.hardware` = the workdir's calibration for this backend, mesh and
+    model, measured now if there is none. Also returns the executor it was measured on (the
+    trainer reuses it, with its compiled step, when the calibrated partition is the same)."""
+    from dip_jax.plan.schedulers import PlanContext
+    from dip_jax.runtime.distributed import broadcast_json
+    from dip_jax.train.pipelined import PipelinedStep
+    lead = jax.process_index() == 0
+    path = cached_path(cfg, mesh, workdir)
+    base = dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, hardware=_base(cfg)))
+    found = broadcast_json(path.exists() if lead else None)
+    executor = None
+    if found:
+        if lead:
+            log(f"dip_jax: calibration from {path}")
+    else:
+        t0 = time.perf_counter()
+        ctx = PlanContext(base)
+        executor = PipelinedStep(base, model, mesh, tx, ctx).executor
+        cal = calibrate(base, mesh, executor, ctx, log if lead else (lambda *a: None))
+        if lead:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            cal.save(tmp)
+            tmp.replace(path)
+            log(f"dip_jax: calibrated in {time.perf_counter() - t0:.1f} s -> {path}")
+    if jax.process_count() > 1:                # the others read process 0's file, via the network
+        data = broadcast_json(json.loads(path.read_text()) if lead else None)
+        if not lead:
+            path = path.with_name(f"{path.stem}.process{jax.process_index()}.json")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(data))
+    return dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, hardware=str(path))), executor
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dip_jax.config import ConfigError
+    from dip_jax.overrides import apply_overrides, load_config_file, parse_config_args
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    out = None
+    rest = []
+    for a in argv:
+        if a.startswith("--out="):
+            out = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    if "--out" in rest:
+        i = rest.index("--out")
+        if i + 1 >= len(rest):
+            print("error: --out needs a path", file=sys.stderr)
+            return 2
+        out = rest[i + 1]
+        del rest[i:i + 2]
+    try:
+        path, workdir, overrides, extra = parse_config_args(rest)
+        if extra:
+            raise ConfigError(f"unknown argument {extra[0]!r}")
+        if path is None:
+            raise ConfigError("--config is required")
+        cfg = apply_overrides(load_config_file(path), overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from dip_jax.runtime.mesh import configure_host_devices, mesh_for
+    configure_host_devices()
+    from dip_jax.plan.schedulers import PlanContext
+    from dip_jax.train.optim import build_optimizer
+    from dip_jax.train.pipelined import PipelinedStep
+    from dip_jax.train.state import abstract_model
+    if cfg.pipeline.hardware == "auto":
+        cfg = dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, hardware=_base(cfg)))
+    mesh = mesh_for(cfg)
+    _, model = abstract_model(cfg)
+    tx = build_optimizer(cfg.optim, cfg.train.steps, cfg.model.modules, mesh, staged=True)
+    t0 = time.perf_counter()
+    ctx = PlanContext(cfg)
+    executor = PipelinedStep(cfg, model, mesh, tx, ctx).executor
+    cal = calibrate(cfg, mesh, executor, ctx)
+    out = pathlib.Path(out or f"runs/{cfg.model.name}/calibration.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cal.save(out)
+    accs = [a["accuracy"] for m in cal.accuracy.values() for k in m.values() for a in k]
+    print(f"dip_jax: calibrated in {time.perf_counter() - t0:.1f} s; held-out op accuracy "
+          f"{np.mean(accs):.1%} (min {min(accs):.1%}); profile {out} "
+          f"(use --config.pipeline.hardware={out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Op latencies measured on the running backend (a calibration profile), as the cost model reads them.
+
+`python -m dip_jax.calibrate` writes the profile; this side only evaluates it, so the planner
+stays free of jax. Per module and kind (F, B) a chunk op over `layers` layers at `units`
+sub-microbatch units costs
+
+    a + b * layers + c * layers * units      (+ head_a + head_b * units on the module's last chunk)
+    + in_executor                            (what the tick loop adds to the op measured alone)
+
+with the embedding counted in every op, because the executor computes it in every op and keeps
+it only on first chunks. A lock-step tick costs `tick_seconds` on top of its busiest rank (the
+tick loop and its packed sends), and a step `step_seconds` on top of its ticks (tables and batch
+to the devices, gradient reduction, optimizer update).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    base: str                       # hardware profile for what is not measured (memory, TP links)
+    ops: dict                       # module -> kind -> {"a", "b", "c"}
+    head: dict                      # module -> kind -> {"a", "b"}
+    in_executor: dict               # module -> kind -> seconds
+    tick_seconds: float
+    step_seconds: float
+    key: dict = dataclasses.field(default_factory=dict)        # what it was measured on
+    accuracy: dict = dataclasses.field(default_factory=dict)   # held-out shapes: predicted vs measured
+
+    def covers(self, module: str) -> bool:
+        return module in self.ops
+
+    def op_seconds(self, module: str, kind: str, layers: int, units: int, last: bool) -> float:
+        f = self.ops[module][kind]
+        t = f["a"] + f["b"] * layers + f["c"] * layers * units
+        if last:
+            h = self.head[module][kind]
+            t += h["a"] + h["b"] * units
+        return max(t + self.in_executor.get(module, {}).get(kind, 0.0), 0.0)
+
+    def to_json(self) -> dict:
+        return {"calibration": FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Calibration":
+        if d.get("calibration") != FORMAT:
+            raise ValueError(f"not a calibration profile of format {FORMAT} (calibration={d.get('calibration')!r})")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+    def save(self, path: str | pathlib.Path) -> None:
+        pathlib.Path(path).write_text(json.dumps(self.to_json(), indent=1))
+
+
+def read(path: str | pathlib.Path) -> Calibration | None:
+    """The calibration in a JSON file, or None when the file is a plain hardware profile."""
+    d = json.loads(pathlib.Path(path).read_text())
+    return Calibration.from_json(d) if "calibration" in d else None
