@@ -8,8 +8,9 @@ workdir, keyed by backend, device kind, jax version, mesh and model config.
 
 Two kinds of measurement:
 - each module's chunk op alone (jit of embed -> layers -> head, forward; and the backward with
-  its recomputed forward, as the executor runs it) on one device, over a grid of layer counts
-  and sub-microbatch units; a linear fit per module and kind, checked on shapes not fitted;
+  its recomputed forward, as the executor runs it) on one device, at 1 and 2 layers and at the
+  partition's sub-microbatch units and twice them; per module and kind a fixed and a per-layer
+  cost at each unit count (interpolated between them), checked on shapes not measured;
 - the executor itself on the run's mesh, with synthetic tables (`plan/tables.py`: `idle`,
   `busy`): a step of no ticks (the step's fixed cost), idle ticks (the tick's cost: its loop
   and its packed sends between processes), and ticks in which every rank runs one module's op
@@ -102,17 +103,37 @@ def _op_fn(module_obj, kind: str, last: bool):
     return state, jax.jit(backward)
 
 
-def _time_op(cfg: TrainConfig, models: dict, module: str, kind: str, layers: int, units: int, last: bool) -> float:
+def _op_call(cfg: TrainConfig, models: dict, module: str, kind: str, layers: int, units: int, last: bool):
+    """A no-argument call of the compiled op (compiled by its first call)."""
     if layers not in models:
         models[layers] = _build(cfg, layers)
-    model = models[layers]
-    mod = getattr(model, module)
+    mod = getattr(models[layers], module)
     inputs = _inputs(cfg.model, module, units, cfg.data.seq_len)
-    stash = jax.eval_shape(mod.embed, inputs)
-    stash = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stash)
+    stash = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(mod.embed, inputs))
     state, fn = _op_fn(mod, kind, last)
     first = jnp.asarray(False)
-    return _timed(lambda: fn(state, stash, inputs, first))
+    return lambda: fn(state, stash, inputs, first)
+
+
+def _time_together(calls: dict, rounds: int = 7, budget: float = 1.0, quantile: float = 0.25) -> dict:
+    """Seconds of each call, timed round-robin (every round times every call a few times), so
+    that a slow stretch of the host hits all shapes alike; the lower quartile of all its times
+    (what the op costs when the host leaves it alone: the spread above it is other work)."""
+    first = {}
+    for k, call in calls.items():
+        jax.block_until_ready(call())                       # compiles
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        first[k] = time.perf_counter() - t0
+    per_round = budget / rounds / max(len(calls), 1)
+    times: dict = {k: [] for k in calls}
+    for _ in range(rounds):
+        for k, call in calls.items():
+            for _ in range(max(1, min(50, int(per_round / max(first[k], 1e-6))))):
+                t0 = time.perf_counter()
+                jax.block_until_ready(call())
+                times[k].append(time.perf_counter() - t0)
+    return {k: float(np.quantile(v, quantile)) for k, v in times.items()}
 
 
 def _build(cfg: TrainConfig, layers: int):
@@ -126,45 +147,48 @@ def _build(cfg: TrainConfig, layers: int):
 
 
 def _grid(module: str, unit: int):
-    """(fit shapes, held-out shapes) of (layers, units). The llm's op is one sequence."""
+    """(unit counts, layer counts) measured, and held-out (layers, units) shapes. The llm's op
+    is one sequence; the others are measured at the partition's unit and twice it."""
     if module == "llm":
-        return [(1, 1), (2, 1)], [(3, 1)]
-    u2 = max(2, 2 * unit)
-    return [(1, 1), (2, 1), (1, u2), (2, u2)], [(3, max(1, unit) + 1)]
+        return [1], [1, 2], [(3, 1)]
+    unit = max(1, unit)
+    return [unit, 2 * unit], [1, 2], [(3, unit), (2, unit + 1)]
 
 
-def _fit(points: list[tuple[int, int, float]]) -> dict:
-    """t = a + b*L + c*L*u, least squares (c = 0 when u never varies)."""
-    L = np.array([p[0] for p in points], float)
-    u = np.array([p[1] for p in points], float)
-    t = np.array([p[2] for p in points], float)
-    cols = [np.ones_like(L), L] + ([L * u] if len(set(u)) > 1 else [])
-    coef = np.linalg.lstsq(np.stack(cols, 1), t, rcond=None)[0]
-    return {"a": float(coef[0]), "b": float(coef[1]), "c": float(coef[2]) if len(coef) > 2 else 0.0}
+def _fit(units: list[int], layers: list[int], t: dict) -> dict:
+    """a(u) + b(u) * L through the two layer counts measured at each unit count."""
+    (L0, L1) = layers
+    b = [(t[(L1, u)] - t[(L0, u)]) / (L1 - L0) for u in units]
+    a = [t[(L0, u)] - bu * L0 for u, bu in zip(units, b)]
+    return {"units": list(units), "a": a, "b": b}
 
 
 def measure_ops(cfg: TrainConfig, units: dict[str, int], backward: dict[str, bool], log=print):
     """(ops fits, head fits, accuracy) for every module, on this process's first device."""
+    from dip_jax.plan.calibrated import interpolate
     ops, head, acc = {}, {}, {}
     models: dict = {}
     with jax.default_device(jax.local_devices()[0]):
         for m in cfg.model.modules:
-            fit_shapes, held = _grid(m, units.get(m, 1))
+            us, Ls, held = _grid(m, units.get(m, 1))
+            kinds = KINDS if backward.get(m, True) else ("F",)
+            shapes = [(L, u, False) for u in us for L in Ls] + [(Ls[0], us[0], True)] + \
+                     [(L, u, False) for L, u in held]
+            t = _time_together({(k, *s): _op_call(cfg, models, m, k, *s) for k in kinds for s in shapes})
             ops[m], head[m], acc[m] = {}, {}, {}
-            for kind in KINDS if backward.get(m, True) else ("F",):
-                pts = [(L, u, _time_op(cfg, models, m, kind, L, u, False)) for L, u in fit_shapes]
-                ops[m][kind] = f = _fit(pts)
-                L, u = fit_shapes[-1]
-                with_head = _time_op(cfg, models, m, kind, L, u, True)
-                head[m][kind] = {"a": 0.0, "b": max(with_head - pts[-1][2], 0.0) / u}
+            for kind in kinds:
+                ops[m][kind] = f = _fit(us, Ls, {(L, u): t[(kind, L, u, False)] for u in us for L in Ls})
+                extra = t[(kind, Ls[0], us[0], True)] - t[(kind, Ls[0], us[0], False)]
+                head[m][kind] = {"a": 0.0, "b": max(extra, 0.0) / us[0]}
                 acc[m][kind] = []
                 for L, u in held:
-                    meas = _time_op(cfg, models, m, kind, L, u, False)
-                    pred = f["a"] + f["b"] * L + f["c"] * L * u
+                    meas = t[(kind, L, u, False)]
+                    pred = interpolate(f["units"], f["a"], u) + interpolate(f["units"], f["b"], u) * L
                     acc[m][kind].append({"layers": L, "units": u, "predicted": pred, "measured": meas,
                                          "accuracy": 1.0 - abs(pred - meas) / meas})
-                log(f"  {m:<7}{kind}  a={f['a'] * 1e3:8.3f} ms  b={f['b'] * 1e3:8.3f} ms/layer  "
-                    f"c={f['c'] * 1e3:8.3f} ms/layer/unit  head={head[m][kind]['b'] * 1e3:7.3f} ms/unit  "
+                per_layer = ", ".join(f"{b * 1e3:.3f}" for b in f["b"])
+                log(f"  {m:<7}{kind}  ms per layer at units {us}: {per_layer}; fixed "
+                    f"{', '.join(f'{a * 1e3:.3f}' for a in f['a'])}; head {head[m][kind]['b'] * 1e3:.3f} ms/unit; "
                     f"held-out accuracy {np.mean([a['accuracy'] for a in acc[m][kind]]):.1%}")
             if "B" not in ops[m]:               # a module without backward: its B never runs
                 ops[m]["B"], head[m]["B"] = ops[m]["F"], head[m]["F"]
@@ -176,6 +200,7 @@ def measure_ops(cfg: TrainConfig, units: dict[str, int], backward: dict[str, boo
 def measure_runtime(executor, state, arrays: dict, plans: list, ops: dict, head: dict, log=print):
     """(tick seconds, step seconds, in-executor surcharge per module and kind). `state` is
     consumed (the step donates it): pass a copy."""
+    from dip_jax.plan.calibrated import interpolate
     t0 = time.perf_counter()
     _, _, _, sig = executor.tables(plans)
     host_tables = time.perf_counter() - t0
@@ -201,7 +226,7 @@ def measure_runtime(executor, state, arrays: dict, plans: list, ops: dict, head:
             table = T.busy(sig, mc.name, kind)
             per_tick = (_timed(lambda: run(table, n), reps=10, budget=2.0, least=3) - base) / n
             f, h = ops[mc.name][kind], head[mc.name][kind]
-            alone = f["a"] + f["b"] * Lc + f["c"] * Lc * mc.unit
+            alone = interpolate(f["units"], f["a"], mc.unit) + interpolate(f["units"], f["b"], mc.unit) * Lc
             # chunk v=0 on every rank: rank P-1 holds the module's last chunk when K == 1
             last = mc.chunks == part.P
             pred = alone + (h["a"] + h["b"] * mc.unit if last else 0.0)

@@ -199,10 +199,10 @@ def summarize(pipe: dict, ref: dict, schedulers: list[str]) -> dict:
                      "batches": len(ratios)}
     measured_order = sorted(schedulers, key=lambda s: med[s])
     predicted_order = sorted(schedulers, key=lambda s: pred[s])
-    # the orders agree if every pair the prediction orders one way is measured the same way,
-    # or measured within TIE of each other
+    # the orders agree if every pair the prediction orders one way is measured the same way;
+    # a pair within TIE of each other, measured or predicted, is a tie and may swap
     disagreements = [(x, y) for i, x in enumerate(predicted_order) for y in predicted_order[i + 1:]
-                     if med[x] > med[y] * (1 + TIE)]
+                     if med[x] > med[y] * (1 + TIE) and pred[y] > pred[x] * (1 + TIE)]
     errors = [abs(r["seconds"] / r["predicted"] - 1) for r in rows]
     return {"median_seconds": med, "predicted_seconds": pred, "reference_seconds": ref_med,
             "speedup_vs_plain": {s: ref_med["plain"] / med[s] for s in schedulers},

@@ -16,8 +16,9 @@ from dip_jax.plan import hardware
 from dip_jax.plan.calibrated import Calibration, read
 from dip_jax.plan.schedulers import PlanContext
 
-OPS = {"llm": {"F": {"a": 1e-3, "b": 2e-3, "c": 0.0}, "B": {"a": 2e-3, "b": 6e-3, "c": 0.0}},
-       "vision": {"F": {"a": 1e-4, "b": 1e-4, "c": 1e-4}, "B": {"a": 3e-4, "b": 3e-4, "c": 3e-4}}}
+OPS = {"llm": {"F": {"units": [1], "a": [1e-3], "b": [2e-3]}, "B": {"units": [1], "a": [2e-3], "b": [6e-3]}},
+       "vision": {"F": {"units": [2, 4], "a": [1e-4, 2e-4], "b": [1e-4, 3e-4]},
+                  "B": {"units": [2, 4], "a": [3e-4, 6e-4], "b": [3e-4, 9e-4]}}}
 HEAD = {"llm": {"F": {"a": 0.0, "b": 5e-4}, "B": {"a": 0.0, "b": 1e-3}},
         "vision": {"F": {"a": 0.0, "b": 1e-5}, "B": {"a": 0.0, "b": 2e-5}}}
 
@@ -35,7 +36,10 @@ def test_a_profile_sets_op_tick_and_step_costs(root, tmp_path):
     assert read(path) == cal and read(root / "dip_jax/plan/profiles/cpu.json") is None
     assert cal.op_seconds("llm", "F", 2, 1, last=False) == pytest.approx(1e-3 + 4e-3 + 1e-4)
     assert cal.op_seconds("llm", "B", 3, 1, last=True) == pytest.approx(2e-3 + 18e-3 + 1e-3 + 2e-4)
-    assert cal.op_seconds("vision", "F", 2, 4, last=False) == pytest.approx(1e-4 + 2e-4 + 8e-4)
+    assert cal.op_seconds("vision", "F", 2, 4, last=False) == pytest.approx(2e-4 + 2 * 3e-4)
+    assert cal.op_seconds("vision", "F", 1, 3, last=False) == pytest.approx(1.5e-4 + 2e-4)     # between
+    assert cal.op_seconds("vision", "F", 1, 6, last=True) == pytest.approx(3e-4 + 5e-4 + 6e-5)  # beyond
+    assert cal.op_seconds("llm", "F", 1, 2, last=False) == pytest.approx(2e-3 + 4e-3 + 1e-4)    # one point
     cfg = apply_overrides(load_config_file(root / "configs/tiny_cpu.py"),
                           ["model.audio=none", f"pipeline.hardware={path}"])
     ctx = PlanContext(cfg)

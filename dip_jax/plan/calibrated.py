@@ -4,11 +4,13 @@
 stays free of jax. Per module and kind (F, B) a chunk op over `layers` layers at `units`
 sub-microbatch units costs
 
-    a + b * layers + c * layers * units      (+ head_a + head_b * units on the module's last chunk)
+    a(units) + b(units) * layers             (+ head_a + head_b * units on the module's last chunk)
     + in_executor                            (what the tick loop adds to the op measured alone)
 
-with the embedding counted in every op, because the executor computes it in every op and keeps
-it only on first chunks. A lock-step tick costs `tick_seconds` on top of its busiest rank (the
+where a and b are interpolated linearly in `units` between the measured unit counts (the time
+per layer is not linear in units: small sub-microbatches under-use the device), with the
+embedding counted in every op, because the executor computes it in every op and keeps it only on
+first chunks. A lock-step tick costs `tick_seconds` on top of its busiest rank (the
 tick loop and its packed sends), and a step `step_seconds` on top of its ticks (tables and batch
 to the devices, gradient reduction, optimizer update).
 """
@@ -24,7 +26,7 @@ FORMAT = 1
 @dataclasses.dataclass(frozen=True)
 class Calibration:
     base: str                       # hardware profile for what is not measured (memory, TP links)
-    ops: dict                       # module -> kind -> {"a", "b", "c"}
+    ops: dict                       # module -> kind -> {"units": [u..], "a": [..], "b": [..]}
     head: dict                      # module -> kind -> {"a", "b"}
     in_executor: dict               # module -> kind -> seconds
     tick_seconds: float
@@ -37,7 +39,7 @@ class Calibration:
 
     def op_seconds(self, module: str, kind: str, layers: int, units: int, last: bool) -> float:
         f = self.ops[module][kind]
-        t = f["a"] + f["b"] * layers + f["c"] * layers * units
+        t = interpolate(f["units"], f["a"], units) + interpolate(f["units"], f["b"], units) * layers
         if last:
             h = self.head[module][kind]
             t += h["a"] + h["b"] * units
@@ -55,6 +57,18 @@ class Calibration:
 
     def save(self, path: str | pathlib.Path) -> None:
         pathlib.Path(path).write_text(json.dumps(self.to_json(), indent=1))
+
+
+def interpolate(xs: list, ys: list, x: float) -> float:
+    """Piecewise-linear through (xs, ys), extended linearly beyond the ends; with one point,
+    proportional to x (a sub-microbatch of twice the units does twice the work)."""
+    if len(xs) == 1:
+        return ys[0] * x / xs[0]
+    i = 1
+    while i < len(xs) - 1 and x > xs[i]:
+        i += 1
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
 def read(path: str | pathlib.Path) -> Calibration | None:
