@@ -39,14 +39,12 @@ from dip_jax.plan.calibrated import Calibration
 KINDS = ("F", "B")
 
 
-def _timed(fn, reps: int = 200, budget: float = 0.3, least: int = 5) -> float:
-    """Median seconds of `fn()` after two warm-up calls: as many reps as fit `budget` (between
-    `least` and `reps`), since sub-millisecond ops on a busy host vary by 2x from call to call."""
+def _timed(fn, reps: int) -> float:
+    """Median seconds of `fn()` over `reps` calls after two warm-up calls. A fixed count, not one
+    adapted to this process's timings: the executor's programs are collective, and every process
+    must run them equally often."""
     jax.block_until_ready(fn())
-    t0 = time.perf_counter()
     jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    reps = max(least, min(reps, int(budget / max(first, 1e-6))))
     out = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -115,7 +113,7 @@ def _op_call(cfg: TrainConfig, models: dict, module: str, kind: str, layers: int
     return lambda: fn(state, stash, inputs, first)
 
 
-def _time_together(calls: dict, rounds: int = 7, budget: float = 1.0, quantile: float = 0.25) -> dict:
+def _time_together(calls: dict, rounds: int = 7, budget: float = 2.0, quantile: float = 0.25) -> dict:
     """Seconds of each call, timed round-robin (every round times every call a few times), so
     that a slow stretch of the host hits all shapes alike; the lower quartile of all its times
     (what the op costs when the host leaves it alone: the spread above it is other work)."""
@@ -129,7 +127,7 @@ def _time_together(calls: dict, rounds: int = 7, budget: float = 1.0, quantile: 
     times: dict = {k: [] for k in calls}
     for _ in range(rounds):
         for k, call in calls.items():
-            for _ in range(max(1, min(50, int(per_round / max(first[k], 1e-6))))):
+            for _ in range(max(2, min(50, int(per_round / max(first[k], 1e-6))))):
                 t0 = time.perf_counter()
                 jax.block_until_ready(call())
                 times[k].append(time.perf_counter() - t0)
@@ -214,8 +212,8 @@ def measure_runtime(executor, state, arrays: dict, plans: list, ops: dict, head:
 
     idle = T.idle(sig)
     n = sig.t_max
-    base = _timed(lambda: run(idle, 0), reps=20, budget=2.0)
-    tick = max((_timed(lambda: run(idle, n), reps=20, budget=2.0) - base) / n, 0.0)
+    base = _timed(lambda: run(idle, 0), 15)
+    tick = max((_timed(lambda: run(idle, n), 15) - base) / n, 0.0)
     log(f"  step {(base + host_tables) * 1e3:.2f} ms without ticks, {tick * 1e3:.3f} ms per idle tick")
     surcharge = {}
     part = executor.partition
@@ -224,7 +222,7 @@ def measure_runtime(executor, state, arrays: dict, plans: list, ops: dict, head:
         Lc = max(mc.layers)
         for kind in KINDS if mc.backward else ("F",):
             table = T.busy(sig, mc.name, kind)
-            per_tick = (_timed(lambda: run(table, n), reps=10, budget=2.0, least=3) - base) / n
+            per_tick = (_timed(lambda: run(table, n), 5) - base) / n
             f, h = ops[mc.name][kind], head[mc.name][kind]
             alone = interpolate(f["units"], f["a"], mc.unit) + interpolate(f["units"], f["b"], mc.unit) * Lc
             # chunk v=0 on every rank: rank P-1 holds the module's last chunk when K == 1
@@ -239,7 +237,7 @@ def measure_runtime(executor, state, arrays: dict, plans: list, ops: dict, head:
 def calibrate(cfg: TrainConfig, mesh, executor, ctx, log=print) -> Calibration:
     """Measure everything on `executor` (built on `ctx.partition`) and its mesh."""
     from dip_jax.data.pipeline import PackedBatches
-    from dip_jax.train.planning import plan_batch, reorder
+    from dip_jax.train.planning import plan_batch, planned_from_json, planned_to_json, reorder
     from dip_jax.train.state import create_state
     from dip_jax.runtime.distributed import broadcast_json
     part = ctx.partition
@@ -249,7 +247,10 @@ def calibrate(cfg: TrainConfig, mesh, executor, ctx, log=print) -> Calibration:
                                  {m.name: m.backward for m in part.modules}, log)
     batch = PackedBatches(cfg)(0)
     scheduler = cfg.pipeline.schedule if cfg.pipeline.schedule != "none" else "dip"
-    order, replicas = plan_batch(ctx, 1, batch.metadata, scheduler)
+    # the tables' shapes must be the same on every process: process 0's plan, as in training
+    lead = jax.process_index() == 0
+    planned = planned_to_json(plan_batch(ctx, 1, batch.metadata, scheduler)) if lead else None
+    order, replicas = planned_from_json(broadcast_json(planned))
     log("dip_jax: calibrating: the executor's step, tick and ops in the tick loop")
     state = create_state(cfg, executor.tx, mesh, executor.layouts)
     tick, step, surcharge = measure_runtime(executor, state, reorder(batch.arrays, order),
