@@ -234,6 +234,29 @@ def measure_runtime(executor, state, arrays: dict, plans: list, ops: dict, head:
     return tick, base + host_tables, surcharge
 
 
+def settle(cal: Calibration, executor, state, arrays: dict, plans: list, model_cfg, hw, tp: int,
+           seq_len: int, log=print) -> Calibration:
+    """`cal` scaled so that a real plan's step is predicted as measured. The synthetic tables
+    measure each cost with every rank doing the same thing every tick; a real plan mixes ranks
+    with and without ops, and its sends overlap other ranks' work, so the level (not the relative
+    costs of ops, ticks and the step) is pinned by one real step (fixed repetitions: every process
+    runs it)."""
+    from dip_jax.plan.cost import CostModel
+    from dip_jax.plan.simulate import simulate
+    ops, recv, n_ticks, sig = executor.tables(plans)
+
+    def run():
+        nonlocal state
+        state, metrics = executor.run_train(state, executor.device_inputs(arrays, ops, recv, n_ticks), sig)
+        return metrics["loss"]
+    measured = _timed(run, 5)
+    costs = executor.partition.costs(CostModel(model_cfg, hw, tp, seq_len, cal), model_cfg)
+    predicted = max(simulate(p, costs, "lockstep").iteration_seconds for p in plans)
+    scale = measured / predicted
+    log(f"  a real plan: measured {measured * 1e3:.1f} ms, predicted {predicted * 1e3:.1f} ms; costs scaled by {scale:.3f}")
+    return dataclasses.replace(cal, scale=scale)
+
+
 def calibrate(cfg: TrainConfig, mesh, executor, ctx, log=print) -> Calibration:
     """Measure everything on `executor` (built on `ctx.partition`) and its mesh."""
     from dip_jax.data.pipeline import PackedBatches
@@ -253,10 +276,12 @@ def calibrate(cfg: TrainConfig, mesh, executor, ctx, log=print) -> Calibration:
     order, replicas = planned_from_json(broadcast_json(planned))
     log("dip_jax: calibrating: the executor's step, tick and ops in the tick loop")
     state = create_state(cfg, executor.tx, mesh, executor.layouts)
-    tick, step, surcharge = measure_runtime(executor, state, reorder(batch.arrays, order),
-                                            [r.plan for r in replicas], ops, head, log)
+    arrays, plans = reorder(batch.arrays, order), [r.plan for r in replicas]
+    tick, step, surcharge = measure_runtime(executor, state, arrays, plans, ops, head, log)
     cal = Calibration(base=ctx.hw.name, ops=ops, head=head, in_executor=surcharge, tick_seconds=tick,
                       step_seconds=step, key=profile_key(cfg, mesh), accuracy=acc)
+    state = create_state(cfg, executor.tx, mesh, executor.layouts)      # the last one was donated
+    cal = settle(cal, executor, state, arrays, plans, cfg.model, ctx.hw, cfg.mesh.tensor, cfg.data.seq_len, log)
     # every process must plan with the same costs: process 0's measurements count
     return Calibration.from_json(broadcast_json(cal.to_json()))
 

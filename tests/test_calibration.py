@@ -40,6 +40,9 @@ def test_a_profile_sets_op_tick_and_step_costs(root, tmp_path):
     assert cal.op_seconds("vision", "F", 1, 3, last=False) == pytest.approx(1.5e-4 + 2e-4)     # between
     assert cal.op_seconds("vision", "F", 1, 6, last=True) == pytest.approx(3e-4 + 5e-4 + 6e-5)  # beyond
     assert cal.op_seconds("llm", "F", 1, 2, last=False) == pytest.approx(2e-3 + 4e-3 + 1e-4)    # one point
+    half = dataclasses.replace(cal, scale=0.5)          # the level a real step pinned
+    assert half.op_seconds("llm", "F", 2, 1, False) == pytest.approx(cal.op_seconds("llm", "F", 2, 1, False) / 2)
+    assert (half.tick(), half.step()) == pytest.approx((cal.tick_seconds / 2, cal.step_seconds / 2))
     cfg = apply_overrides(load_config_file(root / "configs/tiny_cpu.py"),
                           ["model.audio=none", f"pipeline.hardware={path}"])
     ctx = PlanContext(cfg)

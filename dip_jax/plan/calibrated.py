@@ -12,7 +12,10 @@ per layer is not linear in units: small sub-microbatches under-use the device), 
 embedding counted in every op, because the executor computes it in every op and keeps it only on
 first chunks. A lock-step tick costs `tick_seconds` on top of its busiest rank (the
 tick loop and its packed sends), and a step `step_seconds` on top of its ticks (tables and batch
-to the devices, gradient reduction, optimizer update).
+to the devices, gradient reduction, optimizer update). Those are measured on synthetic tables in
+which every rank does the same thing every tick; `scale` (applied to every cost) then makes one
+real plan's step predicted as measured: the level comes from the real step, the relative costs
+from the separate measurements.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ class Calibration:
     in_executor: dict               # module -> kind -> seconds
     tick_seconds: float
     step_seconds: float
+    scale: float = 1.0              # every cost x scale: a real plan's step predicted as measured
     key: dict = dataclasses.field(default_factory=dict)        # what it was measured on
     accuracy: dict = dataclasses.field(default_factory=dict)   # held-out shapes: predicted vs measured
 
@@ -43,7 +47,13 @@ class Calibration:
         if last:
             h = self.head[module][kind]
             t += h["a"] + h["b"] * units
-        return max(t + self.in_executor.get(module, {}).get(kind, 0.0), 0.0)
+        return max(t + self.in_executor.get(module, {}).get(kind, 0.0), 0.0) * self.scale
+
+    def tick(self) -> float:
+        return self.tick_seconds * self.scale
+
+    def step(self) -> float:
+        return self.step_seconds * self.scale
 
     def to_json(self) -> dict:
         return {"calibration": FORMAT, **dataclasses.asdict(self)}

@@ -128,12 +128,12 @@ class CostModel:
     def tick_seconds(self) -> float:
         """What a lock-step tick costs beyond its busiest rank's ops (its sends)."""
         if self.calibration is not None:
-            return self.calibration.tick_seconds
+            return self.calibration.tick()
         return self.p2p_seconds("llm", 1)
 
     def step_seconds(self) -> float:
         """What a step costs beyond its ticks (measured only: 0 without a calibration)."""
-        return self.calibration.step_seconds if self.calibration is not None else 0.0
+        return self.calibration.step() if self.calibration is not None else 0.0
 
     def padded_layers(self, layers: tuple[int, ...]) -> tuple[int, ...]:
         """Layers each chunk op computes: a calibrated model describes this runtime, whose
