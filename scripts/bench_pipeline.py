@@ -71,7 +71,6 @@ def _batches(cfg, n):
 # -- the pipelined processes ----------------------------------------------------------------
 def pipeline_worker(a, overrides) -> dict:
     import jax
-    import numpy as np
     from dip_jax.calibrate import resolve_auto
     from dip_jax.plan.schedulers import PlanContext
     from dip_jax.runtime.distributed import broadcast_json

@@ -28,7 +28,6 @@ def module_labels(params):
 
 def clip_by_global_norm(max_norm: float, global_norm) -> optax.GradientTransformation:
     """optax.clip_by_global_norm (same arithmetic) with the norm computed by `global_norm`."""
-    import jax.numpy as jnp
 
     def update(updates, state, params=None):
         g = global_norm(updates)
