@@ -39,12 +39,12 @@ from dip_jax.plan.calibrated import Calibration
 KINDS = ("F", "B")
 
 
-def _timed(fn, reps: int) -> float:
-    """Median seconds of `fn()` over `reps` calls after two warm-up calls. A fixed count, not one
+def median_seconds(fn, reps: int, warmup: int = 2) -> float:
+    """Median seconds of `fn()` over `reps` calls after `warmup` calls. A fixed count, not one
     adapted to this process's timings: the executor's programs are collective, and every process
     must run them equally often."""
-    jax.block_until_ready(fn())
-    jax.block_until_ready(fn())
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
     out = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -212,8 +212,8 @@ def measure_runtime(executor, state, arrays: dict, plans: list, ops: dict, head:
 
     idle = T.idle(sig)
     n = sig.t_max
-    base = _timed(lambda: run(idle, 0), 15)
-    tick = max((_timed(lambda: run(idle, n), 15) - base) / n, 0.0)
+    base = median_seconds(lambda: run(idle, 0), 15)
+    tick = max((median_seconds(lambda: run(idle, n), 15) - base) / n, 0.0)
     log(f"  step {(base + host_tables) * 1e3:.2f} ms without ticks, {tick * 1e3:.3f} ms per idle tick")
     surcharge = {}
     part = executor.partition
@@ -222,7 +222,7 @@ def measure_runtime(executor, state, arrays: dict, plans: list, ops: dict, head:
         Lc = max(mc.layers)
         for kind in KINDS if mc.backward else ("F",):
             table = T.busy(sig, mc.name, kind)
-            per_tick = (_timed(lambda: run(table, n), 5) - base) / n
+            per_tick = (median_seconds(lambda: run(table, n), 5) - base) / n
             f, h = ops[mc.name][kind], head[mc.name][kind]
             alone = interpolate(f["units"], f["a"], mc.unit) + interpolate(f["units"], f["b"], mc.unit) * Lc
             # chunk v=0 on every rank: rank P-1 holds the module's last chunk when K == 1
@@ -249,7 +249,7 @@ def settle(cal: Calibration, executor, state, arrays: dict, plans: list, model_c
         nonlocal state
         state, metrics = executor.run_train(state, executor.device_inputs(arrays, ops, recv, n_ticks), sig)
         return metrics["loss"]
-    measured = _timed(run, 5)
+    measured = median_seconds(run, 5)
     costs = executor.partition.costs(CostModel(model_cfg, hw, tp, seq_len, cal), model_cfg)
     predicted = max(simulate(p, costs, "lockstep").iteration_seconds for p in plans)
     scale = measured / predicted

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import pathlib
-import statistics
 import sys
 import time
 
@@ -37,18 +36,13 @@ from dip_jax.plan.partition import ModalityPartition  # noqa: E402
 from dip_jax.plan.schedule import ModuleChunks               # noqa: E402
 from dip_jax.plan.simulate import Costs                      # noqa: E402
 from dip_jax.plan.workload import workload_from_metadata     # noqa: E402
+from dip_jax.calibrate import median_seconds                 # noqa: E402
 from dip_jax.runtime.mesh import make_mesh                   # noqa: E402
 from dip_jax.runtime.pipeline import PipelineExecutor        # noqa: E402
 
 
 def timed(fn, reps):
-    jax.block_until_ready(fn())
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+    return median_seconds(fn, reps, warmup=1)
 
 
 def main() -> int:

@@ -89,8 +89,7 @@ def pipeline_worker(a, overrides) -> dict:
     if cfg.pipeline.hardware == "auto":
         cfg, measured_on = resolve_auto(cfg, pathlib.Path(a.workdir), mesh, model, tx)
     ctx = PlanContext(cfg)
-    step = PipelinedStep(cfg, model, mesh, tx, ctx, measured_on if measured_on is not None
-                         and measured_on.partition == ctx.partition else None)
+    step = PipelinedStep(cfg, model, mesh, tx, ctx, measured_on)
     ex = step.executor
     state = create_state(cfg, tx, mesh, ex.layouts)
     schedulers = a.schedulers.split(",")

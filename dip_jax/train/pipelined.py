@@ -15,11 +15,12 @@ from dip_jax.train.planning import BatchPlan, plan_batch, reorder
 class PipelinedStep:
     def __init__(self, cfg: TrainConfig, model, mesh, tx, ctx, executor: PipelineExecutor | None = None):
         """`model`: the LMM (abstract is enough: only its structure is read). `executor`: one
-        already built for this partition, mesh and optimizer (calibration's, compiled step
-        included)."""
+        already built on this mesh and optimizer (calibration's, compiled step included); used
+        when its partition is `ctx`'s."""
         self.cfg, self.ctx = cfg, ctx
         d = cfg.data
-        self.executor = executor or PipelineExecutor(model, ctx.partition, mesh,
+        reuse = executor is not None and executor.partition == ctx.partition
+        self.executor = executor if reuse else PipelineExecutor(model, ctx.partition, mesh,
                                          {"vision": d.max_images, "audio": d.max_audio_clips, "dit": d.max_video_clips},
                                          d.seq_len, cfg.pipeline.step_cache_size,
                                          cfg.pipeline.compile_cache_dir or None, tx=tx)

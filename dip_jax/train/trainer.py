@@ -115,17 +115,15 @@ def _wants_timeline(cfg: TrainConfig, step: int, start: int) -> bool:
 
 
 def _write_timeline(workdir: pathlib.Path, step: int, plan, measured: float, median_error: float | None) -> None:
-    from dip_jax.viz.timeline import write_png, write_trace
+    from dip_jax.viz.timeline import prediction_text, write_png, write_trace
     out = workdir / "timelines"
     out.mkdir(exist_ok=True)
     r = plan.slowest
     title = f"step {step} ({plan.scheduler}, replica {plan.slowest_index})"
     write_png(r.plan, r.timeline, out / f"step_{step}.png", title, measured_seconds=measured,
               median_error=median_error)
-    error = f"prediction error {measured / r.timeline.iteration_seconds - 1:+.1%}"
-    if median_error is not None:
-        error += f", run median |error| {median_error:.1%}"
-    write_trace(r.plan, r.timeline, out / f"step_{step}.trace.json", f"{title}, measured {measured:.4g} s, {error}")
+    write_trace(r.plan, r.timeline, out / f"step_{step}.trace.json",
+                f"{title}, measured {measured:.4g} s, {prediction_text(r.timeline, measured, median_error)}")
 
 
 def _gb(n: int) -> str:
@@ -179,9 +177,7 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
             cfg, measured_on = resolve_auto(cfg, workdir, mesh, model, tx)
         planner = Planner(cfg) if lead else None        # other processes receive process 0's plans
         ctx = planner.ctx if planner else PlanContext(cfg)
-        step_fn = PipelinedStep(cfg, model, mesh, tx, ctx,
-                                measured_on if measured_on is not None and measured_on.partition == ctx.partition
-                                else None)
+        step_fn = PipelinedStep(cfg, model, mesh, tx, ctx, measured_on)
         layouts = step_fn.layouts
     else:
         reference = make_train_step(graphdef, tx)

@@ -28,6 +28,12 @@ def write_trace(plan, timeline, path, title: str = "") -> None:
     pathlib.Path(path).write_text(json.dumps(trace_events(plan, timeline, title)))
 
 
+def prediction_text(timeline, measured_seconds: float, median_error: float | None = None) -> str:
+    """This step's measured/predicted - 1, and the run's median |error| so far when given."""
+    text = f"prediction error {measured_seconds / timeline.iteration_seconds - 1:+.1%}"
+    return text + (f", run median |error| {median_error:.1%}" if median_error is not None else "")
+
+
 def write_png(plan, timeline, path, title: str = "", measured_seconds: float | None = None,
               median_error: float | None = None) -> None:
     """`median_error`: the run's median |measured/predicted - 1| so far, shown beside this step's."""
@@ -56,8 +62,7 @@ def write_png(plan, timeline, path, title: str = "", measured_seconds: float | N
             f"bubble {100 * timeline.bubble_fraction:.1f}%")
     if measured_seconds is not None:
         info += (f", measured {measured_seconds * scale:.3g} {unit} "
-                 f"(prediction error {measured_seconds / timeline.iteration_seconds - 1:+.1%}")
-        info += f", run median |error| {median_error:.1%})" if median_error is not None else ")"
+                 f"({prediction_text(timeline, measured_seconds, median_error)})")
     ax.set_title(info, fontsize=9)
     ax.set_xlim(0, timeline.iteration_seconds * scale * 1.01)
     fig.tight_layout()
