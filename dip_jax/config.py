@@ -225,6 +225,9 @@ class ModelConfig:
     llm: LLMConfig = LLMConfig()
     dit: Optional[DiTConfig] = None
     dit_loss_weight: float = 1.0
+    # what matmuls and the activations between pipeline stages run in; parameters, optimizer
+    # state, softmax and losses stay float32 either way
+    compute_dtype: str = "float32"
 
     def check(self) -> None:
         for name in MODULES:
@@ -233,6 +236,8 @@ class ModelConfig:
                 sub.check(f"model.{name}")
         _require(self.llm is not None, "model.llm", "the llm backbone is required")
         _require(self.dit_loss_weight >= 0, "model.dit_loss_weight", "must be >= 0")
+        _require(self.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype",
+                 f"unknown dtype {self.compute_dtype!r}; choose float32 or bfloat16")
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -256,14 +261,14 @@ class ModelConfig:
 class MeshConfig:
     data: int = 1
     pipe: int = 1
-    tensor: int = 1   # devices per pipeline rank, as seen by the planner's cost model
+    tensor: int = 1   # devices per pipeline rank: each chunk's layers are split over them (Megatron-style)
 
     def check(self) -> None:
         _positive(self, "mesh", "data", "pipe", "tensor")
 
     @property
     def devices(self) -> int:
-        return self.data * self.pipe
+        return self.data * self.pipe * self.tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,6 +353,9 @@ class OptimConfig:
     # (module, multiplier) pairs, e.g. (("vision", 0.5),); a module listed in `frozen` gets none
     lr_multipliers: tuple = ()
     frozen: tuple = ()
+    # ZeRO-1: Adam moments split over the data replicas (each replica updates its share; the
+    # update gathers what it needs); has an effect only when mesh.data > 1
+    shard_state_over_data: bool = True
 
     def check(self) -> None:
         _require(self.lr > 0, "optim.lr", "must be > 0")
@@ -424,6 +432,7 @@ class TrainConfig:
                      f"{name} has {layers} layers, fewer than mesh.pipe={self.mesh.pipe} pipeline ranks")
         for name in self.optim.frozen:
             _require(name in m.modules, "optim.frozen", f"module {name!r} is not in this model")
+        self._check_tensor()
         if m.vision is not None and d.max_images:
             _require(m.vision.tokens_per_image <= d.seq_len, "model.vision.tokens_per_image",
                      f"{m.vision.tokens_per_image} tokens per image exceed data.seq_len={d.seq_len}")
@@ -438,6 +447,18 @@ class TrainConfig:
                      f"must be >= data.digits_max_images={d.digits_max_images}")
             _require(m.llm.vocab_size >= 16 + d.digits_max_images, "model.llm.vocab_size",
                      "digits needs 16 special/digit tokens plus one ordinal per image")
+
+    def _check_tensor(self) -> None:
+        """mesh.tensor splits attention heads, MLP hidden units and the vocabulary evenly."""
+        tp = self.mesh.tensor
+        if tp == 1:
+            return
+        for name in self.model.modules:
+            sub = getattr(self.model, name)
+            for field in ("heads", "kv_heads", "mlp_hidden") + (("vocab_size",) if name == "llm" else ()):
+                v = getattr(sub, field)
+                _require(v % tp == 0, f"model.{name}.{field}",
+                         f"{field}={v} is not divisible by mesh.tensor={tp} (tensor parallelism splits it evenly)")
 
     def replace(self, **sections) -> "TrainConfig":
         return dataclasses.replace(self, **sections)

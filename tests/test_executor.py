@@ -36,7 +36,8 @@ UNIT_COSTS = Costs(latency=lambda op: 1.0 if op.kind == "F" else 2.0)
 
 
 class Setup:
-    def __init__(self, modules, data):
+    def __init__(self, modules, data, pipe=4, tensor=1, blk=BLK):
+        BLK = blk
         self.cfg = TrainConfig(
             model=ModelConfig(
                 vision=VisionConfig(layers=5, image_size=8, patch_size=4, channels=1, spatial_merge=1, **BLK)
@@ -45,7 +46,7 @@ class Setup:
                 llm=LLMConfig(layers=9, vocab_size=64, **BLK),
                 dit=DiTConfig(layers=4, latent_channels=4, latent_frames_per_second=2, tokens_per_frame=2,
                               cond_tokens=6, time_embed_dim=16, **BLK) if "dit" in modules else None),
-            mesh=MeshConfig(data=data, pipe=4),
+            mesh=MeshConfig(data=data, pipe=pipe, tensor=tensor),
             data=DataConfig(seq_len=48, microbatches=4 * data, max_images=4, max_audio_clips=2, max_video_clips=3))
         self.model = LMM(self.cfg.model, nnx.Rngs(0))
         self.params = nnx.state(self.model)
@@ -53,10 +54,10 @@ class Setup:
         graphdef = nnx.graphdef(self.model)
         self.ref = jax.jit(jax.value_and_grad(lambda p: nnx.merge(graphdef, p)(self.batch.arrays)[0]))(self.params)
         mods = self.cfg.model.modules
-        self.partition = ModalityPartition(4, tuple(
-            ModuleChunks(m, 4 * K[m], split_layers(getattr(self.cfg.model, m).layers, 4 * K[m]), True, UNIT[m])
+        self.partition = ModalityPartition(pipe, tuple(
+            ModuleChunks(m, pipe * K[m], split_layers(getattr(self.cfg.model, m).layers, pipe * K[m]), True, UNIT[m])
             for m in mods))
-        self.ex = PipelineExecutor(self.model, self.partition, make_mesh(data, 4),
+        self.ex = PipelineExecutor(self.model, self.partition, make_mesh(data, pipe, tensor),
                                    {"vision": 4, "audio": 2, "dit": 3}, 48)
         self.data, self.M = data, 4
         self.graphs = [self.partition.graph(workload_from_metadata(self.cfg, self.batch.metadata[d * 4:(d + 1) * 4]))

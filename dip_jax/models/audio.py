@@ -2,28 +2,30 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from dip_jax.config import AudioConfig
-from dip_jax.models.layers import Block, Projector
+from dip_jax.models.layers import Block, Projector, rms_norm
 from dip_jax.models.stack import ChunkedModule, make_stack
 
 
 class AudioEncoder(ChunkedModule):
-    def __init__(self, cfg: AudioConfig, out_dim: int, rngs: nnx.Rngs):
-        self.cfg = cfg
+    def __init__(self, cfg: AudioConfig, out_dim: int, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.cfg, self.dtype = cfg, dtype
         k = cfg.conv_kernel
-        self.conv1 = nnx.Conv(cfg.mel_bins, cfg.dim, (k,), strides=(2,), padding="SAME", rngs=rngs)
-        self.conv2 = nnx.Conv(cfg.dim, cfg.dim, (k,), strides=(2,), padding="SAME", rngs=rngs)
+        conv = dict(strides=(2,), padding="SAME", dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.conv1 = nnx.Conv(cfg.mel_bins, cfg.dim, (k,), **conv)
+        self.conv2 = nnx.Conv(cfg.dim, cfg.dim, (k,), **conv)
         self.pos = nnx.Param(0.02 * nnx.initializers.normal()(rngs.params(), (cfg.tokens_per_clip, cfg.dim)))
-        self.blocks = make_stack(lambda r: Block(cfg, r), cfg.layers, rngs)
-        self.norm = nnx.RMSNorm(cfg.dim, rngs=rngs)
-        self.projector = Projector(cfg.dim, out_dim, rngs)
+        self.blocks = make_stack(lambda r: Block(cfg, r, dtype), cfg.layers, rngs)
+        self.norm = rms_norm(cfg.dim, rngs, dtype)
+        self.projector = Projector(cfg.dim, out_dim, rngs, dtype)
 
     def embed(self, frames):
         """frames: [N, frames_per_clip, mel_bins] -> [N, tokens_per_clip, dim]."""
         x = jax.nn.gelu(self.conv1(frames))
-        return jax.nn.gelu(self.conv2(x)) + self.pos[...]
+        return jax.nn.gelu(self.conv2(x)) + self.pos[...].astype(self.dtype)
 
     def step(self, block, x, ctx):
         return block(x)

@@ -10,12 +10,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dip_jax.config import DiTConfig
-from dip_jax.models.layers import Attention, SwiGLU, linear
+from dip_jax.models.layers import Attention, SwiGLU, linear, rms_norm
 from dip_jax.models.stack import ChunkedModule, make_stack
 
 
 def _norm(x, eps: float = 1e-6):
-    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    """Parameter-free RMS norm; its statistics in float32 whatever the compute dtype."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
 def timestep_embedding(t, dim: int):
@@ -26,12 +28,12 @@ def timestep_embedding(t, dim: int):
 
 
 class DiTBlock(nnx.Module):
-    def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
-        self.ada = linear(cfg.dim, 6 * cfg.dim, rngs, bias=True, scale=0.1)
-        self.attn = Attention(cfg, rngs)
-        self.cross_norm = nnx.RMSNorm(cfg.dim, rngs=rngs)
-        self.cross = Attention(cfg, rngs)
-        self.mlp = SwiGLU(cfg.dim, cfg.mlp_hidden, rngs)
+    def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.ada = linear(cfg.dim, 6 * cfg.dim, rngs, bias=True, scale=0.1, dtype=dtype)
+        self.attn = Attention(cfg, rngs, dtype)
+        self.cross_norm = rms_norm(cfg.dim, rngs, dtype)
+        self.cross = Attention(cfg, rngs, dtype)
+        self.mlp = SwiGLU(cfg.dim, cfg.mlp_hidden, rngs, dtype)
 
     def __call__(self, x, cond, temb, cond_mask):
         sh1, sc1, g1, sh2, sc2, g2 = jnp.split(self.ada(jax.nn.silu(temb))[:, None, :], 6, axis=-1)
@@ -41,25 +43,30 @@ class DiTBlock(nnx.Module):
 
 
 class DiT(ChunkedModule):
-    def __init__(self, cfg: DiTConfig, cond_dim: int, rngs: nnx.Rngs):
-        self.cfg = cfg
+    def __init__(self, cfg: DiTConfig, cond_dim: int, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.cfg, self.dtype = cfg, dtype
         d = cfg.dim
-        self.latent_in = linear(cfg.latent_channels, d, rngs, bias=True)
+        self.latent_in = linear(cfg.latent_channels, d, rngs, bias=True, dtype=dtype)
         self.pos = nnx.Param(0.02 * nnx.initializers.normal()(rngs.params(), (cfg.tokens_per_clip, d)))
-        self.time_fc1 = linear(cfg.time_embed_dim, d, rngs, bias=True)
-        self.time_fc2 = linear(d, d, rngs, bias=True)
-        self.cond_in = linear(cond_dim, d, rngs, bias=True)
-        self.blocks = make_stack(lambda r: DiTBlock(cfg, r), cfg.layers, rngs)
-        self.final_ada = linear(d, 2 * d, rngs, bias=True, scale=0.1)
-        self.latent_out = linear(d, cfg.latent_channels, rngs, bias=True)
+        self.time_fc1 = linear(cfg.time_embed_dim, d, rngs, bias=True, dtype=dtype)
+        self.time_fc2 = linear(d, d, rngs, bias=True, dtype=dtype)
+        self.cond_in = linear(cond_dim, d, rngs, bias=True, dtype=dtype)
+        self.blocks = make_stack(lambda r: DiTBlock(cfg, r, dtype), cfg.layers, rngs)
+        self.final_ada = linear(d, 2 * d, rngs, bias=True, scale=0.1, dtype=dtype)
+        self.latent_out = linear(d, cfg.latent_channels, rngs, bias=True, dtype=dtype)
 
     def context(self, inputs):
-        return {"cond_mask": inputs["cond_mask"]}
+        """An empty clip slot (no caption: padding, its loss weighted 0) attends to all of its
+        condition tokens, so that no attention row is fully masked."""
+        mask = inputs["cond_mask"]
+        return {"cond_mask": mask | ~jnp.any(mask, axis=-1, keepdims=True)}
 
     def embed(self, inputs):
         """inputs: x_t [N, T, C], t [N], cond [N, Lc, cond_dim] -> carry (x, cond, temb)."""
-        x = self.latent_in(inputs["x_t"]) + self.pos[...]
-        temb = self.time_fc2(jax.nn.silu(self.time_fc1(timestep_embedding(inputs["t"], self.cfg.time_embed_dim))))
+        x = self.latent_in(inputs["x_t"]) + self.pos[...].astype(self.dtype)
+        # sin/cos in float32 (timesteps are scaled by 1000), then the compute dtype
+        t_freq = timestep_embedding(inputs["t"], self.cfg.time_embed_dim).astype(self.dtype)
+        temb = self.time_fc2(jax.nn.silu(self.time_fc1(t_freq)))
         return x, self.cond_in(inputs["cond"]), temb
 
     def step(self, block, carry, ctx):

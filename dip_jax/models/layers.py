@@ -7,12 +7,18 @@ from flax import nnx
 
 from dip_jax.config import BlockConfig
 
-NEG_INF = -1e30
 
-
-def linear(d_in: int, d_out: int, rngs: nnx.Rngs, bias: bool = False, scale: float = 1.0) -> nnx.Linear:
+def linear(d_in: int, d_out: int, rngs: nnx.Rngs, bias: bool = False, scale: float = 1.0,
+           dtype=jnp.float32) -> nnx.Linear:
+    """`dtype`: what the matmul runs in and returns; the parameters stay float32 (the master copy)."""
     init = nnx.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
-    return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=init, rngs=rngs)
+    return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=init, dtype=dtype, param_dtype=jnp.float32,
+                      rngs=rngs)
+
+
+def rms_norm(dim: int, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.RMSNorm:
+    """Statistics in float32 whatever `dtype` (flax promotes them); the output in `dtype`."""
+    return nnx.RMSNorm(dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
 def rope(x, positions, theta: float):
@@ -20,7 +26,8 @@ def rope(x, positions, theta: float):
     half = x.shape[-1] // 2
     freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     ang = positions[..., :, None, None].astype(jnp.float32) * freq
-    sin, cos = jnp.sin(ang), jnp.cos(ang)
+    # angles in float32: positions reach thousands, where bf16 could not tell neighbours apart
+    sin, cos = jnp.sin(ang).astype(x.dtype), jnp.cos(ang).astype(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
@@ -37,36 +44,49 @@ def attention_mask(segment_ids, causal: bool):
 class Attention(nnx.Module):
     """Grouped-query attention; keys/values may come from another sequence (cross-attention)."""
 
-    def __init__(self, cfg: BlockConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: BlockConfig, rngs: nnx.Rngs, dtype=jnp.float32):
         d, h, kv, hd = cfg.dim, cfg.heads, cfg.kv_heads, cfg.head_dim
         self.heads, self.kv_heads, self.head_dim = h, kv, hd
-        self.q = linear(d, h * hd, rngs)
-        self.k = linear(d, kv * hd, rngs)
-        self.v = linear(d, kv * hd, rngs)
-        self.o = linear(h * hd, d, rngs)
+        self.q = linear(d, h * hd, rngs, dtype=dtype)
+        self.k = linear(d, kv * hd, rngs, dtype=dtype)
+        self.v = linear(d, kv * hd, rngs, dtype=dtype)
+        self.o = linear(h * hd, d, rngs, dtype=dtype)
 
     def __call__(self, x, kv=None, mask=None, positions=None, theta: float = 10000.0):
+        # head counts follow the projections' widths, so a device holding a share of the heads
+        # runs the same code on its share
         kv = x if kv is None else kv
-        q = self.q(x).reshape(*x.shape[:-1], self.heads, self.head_dim)
-        k = self.k(kv).reshape(*kv.shape[:-1], self.kv_heads, self.head_dim)
-        v = self.v(kv).reshape(*kv.shape[:-1], self.kv_heads, self.head_dim)
+        q = self.q(x).reshape(*x.shape[:-1], -1, self.head_dim)
+        k = self.k(kv).reshape(*kv.shape[:-1], -1, self.head_dim)
+        v = self.v(kv).reshape(*kv.shape[:-1], -1, self.head_dim)
         if positions is not None:
             q, k = rope(q, positions, theta), rope(k, positions, theta)
-        rep = self.heads // self.kv_heads
-        k, v = jnp.repeat(k, rep, axis=-2), jnp.repeat(v, rep, axis=-2)
-        logits = jnp.einsum("...qhd,...khd->...hqk", q, k) / jnp.sqrt(jnp.float32(self.head_dim))
-        if mask is not None:
-            logits = jnp.where(mask, logits, NEG_INF)
-        probs = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("...hqk,...khd->...qhd", probs, v)
-        return self.o(out.reshape(*x.shape[:-1], self.heads * self.head_dim))
+        lead = q.shape[:-3]
+        flat = lambda t: t.reshape(-1, *t.shape[-3:])
+        # K/V keep their kv_heads (grouped-query attention natively); the softmax runs in float32
+        # whatever the compute dtype. A row of `mask` must keep at least one key: a fully masked
+        # row is averaged uniformly by XLA but is undefined in fused kernels.
+        out = jax.nn.dot_product_attention(flat(q), flat(k), flat(v), mask=_flat_mask(mask, lead))
+        return self.o(out.reshape(*x.shape[:-1], -1))
+
+
+def _flat_mask(mask, lead):
+    """A bool mask broadcastable to [*lead, heads, q, k] -> [B or 1, heads or 1, q, k]."""
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    mask = mask.reshape((1,) * (len(lead) + 3 - mask.ndim) + mask.shape)
+    tail = mask.shape[-3:]
+    if all(n == 1 for n in mask.shape[:-3]):
+        return mask.reshape(1, *tail)
+    return jnp.broadcast_to(mask, (*lead, *tail)).reshape(-1, *tail)
 
 
 class SwiGLU(nnx.Module):
-    def __init__(self, dim: int, hidden: int, rngs: nnx.Rngs):
-        self.gate = linear(dim, hidden, rngs)
-        self.up = linear(dim, hidden, rngs)
-        self.down = linear(hidden, dim, rngs)
+    def __init__(self, dim: int, hidden: int, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.gate = linear(dim, hidden, rngs, dtype=dtype)
+        self.up = linear(dim, hidden, rngs, dtype=dtype)
+        self.down = linear(hidden, dim, rngs, dtype=dtype)
 
     def __call__(self, x):
         return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
@@ -75,11 +95,11 @@ class SwiGLU(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm transformer block used by the ViT, the audio encoder and the llm."""
 
-    def __init__(self, cfg: BlockConfig, rngs: nnx.Rngs):
-        self.attn_norm = nnx.RMSNorm(cfg.dim, rngs=rngs)
-        self.attn = Attention(cfg, rngs)
-        self.mlp_norm = nnx.RMSNorm(cfg.dim, rngs=rngs)
-        self.mlp = SwiGLU(cfg.dim, cfg.mlp_hidden, rngs)
+    def __init__(self, cfg: BlockConfig, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.attn_norm = rms_norm(cfg.dim, rngs, dtype)
+        self.attn = Attention(cfg, rngs, dtype)
+        self.mlp_norm = rms_norm(cfg.dim, rngs, dtype)
+        self.mlp = SwiGLU(cfg.dim, cfg.mlp_hidden, rngs, dtype)
 
     def __call__(self, x, mask=None, positions=None, theta: float = 10000.0):
         x = x + self.attn(self.attn_norm(x), mask=mask, positions=positions, theta=theta)
@@ -89,9 +109,9 @@ class Block(nnx.Module):
 class Projector(nnx.Module):
     """Encoder output -> llm width (two-layer GELU MLP, biases)."""
 
-    def __init__(self, d_in: int, d_out: int, rngs: nnx.Rngs):
-        self.fc1 = linear(d_in, d_out, rngs, bias=True)
-        self.fc2 = linear(d_out, d_out, rngs, bias=True)
+    def __init__(self, d_in: int, d_out: int, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.fc1 = linear(d_in, d_out, rngs, bias=True, dtype=dtype)
+        self.fc2 = linear(d_out, d_out, rngs, bias=True, dtype=dtype)
 
     def __call__(self, x):
         return self.fc2(jax.nn.gelu(self.fc1(x)))

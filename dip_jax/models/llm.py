@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from dip_jax.config import LLMConfig
-from dip_jax.models.layers import Block, attention_mask, linear
+from dip_jax.models.layers import Block, attention_mask, linear, rms_norm
 from dip_jax.models.stack import ChunkedModule, make_stack
 
 
@@ -21,13 +22,13 @@ def merge_embeddings(embeds, values, positions):
 
 
 class LLM(ChunkedModule):
-    def __init__(self, cfg: LLMConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: LLMConfig, rngs: nnx.Rngs, dtype=jnp.float32):
         self.cfg = cfg
-        self.embedding = nnx.Embed(cfg.vocab_size, cfg.dim,
-                                   embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
-        self.blocks = make_stack(lambda r: Block(cfg, r), cfg.layers, rngs)
-        self.norm = nnx.RMSNorm(cfg.dim, rngs=rngs)
-        self.lm_head = linear(cfg.dim, cfg.vocab_size, rngs)
+        self.embedding = nnx.Embed(cfg.vocab_size, cfg.dim, embedding_init=nnx.initializers.normal(1.0),
+                                   dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.blocks = make_stack(lambda r: Block(cfg, r, dtype), cfg.layers, rngs)
+        self.norm = rms_norm(cfg.dim, rngs, dtype)
+        self.lm_head = linear(cfg.dim, cfg.vocab_size, rngs, dtype=dtype)
 
     def context(self, inputs):
         return {"mask": attention_mask(inputs["segment_ids"], causal=True), "positions": inputs["positions"]}

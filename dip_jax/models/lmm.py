@@ -33,7 +33,7 @@ def flow_targets(latents, noise, t):
 
 def flow_loss_sum(pred, target, valid):
     """Sum over clips of the per-clip mean squared velocity error, masked by `valid`."""
-    per_clip = jnp.mean((pred - target) ** 2, axis=(-2, -1))
+    per_clip = jnp.mean((pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2, axis=(-2, -1))
     return jnp.sum(per_clip * valid)
 
 
@@ -49,11 +49,11 @@ def _flat(x, lead: int = 2):
 class LMM(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        d = cfg.llm.dim
-        self.vision = ViT(cfg.vision, d, rngs) if cfg.vision is not None else None
-        self.audio = AudioEncoder(cfg.audio, d, rngs) if cfg.audio is not None else None
-        self.llm = LLM(cfg.llm, rngs)
-        self.dit = DiT(cfg.dit, d, rngs) if cfg.dit is not None else None
+        d, dtype = cfg.llm.dim, jnp.dtype(cfg.compute_dtype)
+        self.vision = ViT(cfg.vision, d, rngs, dtype) if cfg.vision is not None else None
+        self.audio = AudioEncoder(cfg.audio, d, rngs, dtype) if cfg.audio is not None else None
+        self.llm = LLM(cfg.llm, rngs, dtype)
+        self.dit = DiT(cfg.dit, d, rngs, dtype) if cfg.dit is not None else None
 
     def merges(self, batch):
         """Encoder outputs and their placeholder positions, per microbatch."""

@@ -1,10 +1,11 @@
 """Vision encoder: ViT over fixed-size patches, spatial merge, projector to the llm width."""
 from __future__ import annotations
 
+import jax.numpy as jnp
 from flax import nnx
 
 from dip_jax.config import VisionConfig
-from dip_jax.models.layers import Block, Projector, linear
+from dip_jax.models.layers import Block, Projector, linear, rms_norm
 from dip_jax.models.stack import ChunkedModule, make_stack
 
 
@@ -16,16 +17,16 @@ def patchify(images, patch: int):
 
 
 class ViT(ChunkedModule):
-    def __init__(self, cfg: VisionConfig, out_dim: int, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.patch_embed = linear(cfg.patch_size ** 2 * cfg.channels, cfg.dim, rngs, bias=True)
+    def __init__(self, cfg: VisionConfig, out_dim: int, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.cfg, self.dtype = cfg, dtype
+        self.patch_embed = linear(cfg.patch_size ** 2 * cfg.channels, cfg.dim, rngs, bias=True, dtype=dtype)
         self.pos = nnx.Param(0.02 * nnx.initializers.normal()(rngs.params(), (cfg.patches, cfg.dim)))
-        self.blocks = make_stack(lambda r: Block(cfg, r), cfg.layers, rngs)
-        self.norm = nnx.RMSNorm(cfg.dim, rngs=rngs)
-        self.projector = Projector(cfg.spatial_merge ** 2 * cfg.dim, out_dim, rngs)
+        self.blocks = make_stack(lambda r: Block(cfg, r, dtype), cfg.layers, rngs)
+        self.norm = rms_norm(cfg.dim, rngs, dtype)
+        self.projector = Projector(cfg.spatial_merge ** 2 * cfg.dim, out_dim, rngs, dtype)
 
     def embed(self, images):
-        return self.patch_embed(patchify(images, self.cfg.patch_size)) + self.pos[...]
+        return self.patch_embed(patchify(images, self.cfg.patch_size)) + self.pos[...].astype(self.dtype)
 
     def step(self, block, x, ctx):
         return block(x)

@@ -14,9 +14,9 @@ import functools
 from dip_jax.config import ModelConfig, attention_params, swiglu_params
 from dip_jax.plan.hardware import Hardware
 
-BYTES = 2                          # bf16 activations and weights
-STATE_BYTES_PER_PARAM = 16         # bf16 weights + grads, fp32 master copy + Adam moments
-ACT_BYTES_PER_TOKEN_DIM = 34       # stored activations of one transformer layer (flash attention)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}   # activations and the weights matmuls read, by compute dtype
+STATE_BYTES_PER_PARAM = 16         # fp32 weights, grads and Adam moments (the same 16 for bf16 compute)
+ACT_BYTES_PER_TOKEN_DIM = 34       # stored activations of one transformer layer in bf16 (flash attention)
 STRATEGIES = ("recompute", "store")
 
 
@@ -34,12 +34,13 @@ class Work:
 
 
 def _block(tokens: int, seq: int, dim: int, attn_dim: int, matmul_params: int, causal: bool,
-           extra_kv_tokens: int = 0) -> Work:
+           nbytes: int, extra_kv_tokens: int = 0) -> Work:
+    """`nbytes`: bytes per element in the compute dtype."""
     att = 4.0 * tokens * attn_dim * (seq / 2 if causal else seq)
     att += 4.0 * tokens * attn_dim * extra_kv_tokens
     return Work(matmul_flops=2.0 * tokens * matmul_params, attention_flops=att,
-                bytes=BYTES * (matmul_params + 12 * tokens * dim), tp_bytes=2 * BYTES * tokens * dim,
-                act_bytes=ACT_BYTES_PER_TOKEN_DIM * tokens * dim)
+                bytes=nbytes * (matmul_params + 12 * tokens * dim), tp_bytes=2 * nbytes * tokens * dim,
+                act_bytes=ACT_BYTES_PER_TOKEN_DIM * nbytes / 2 * tokens * dim)
 
 
 class CostModel:
@@ -50,6 +51,7 @@ class CostModel:
         op, tick and step costs replace the roofline's for the modules it covers."""
         self.model, self.hw, self.tp, self.seq_len = model, hw, tp, seq_len
         self.calibration = calibration
+        self.bytes = DTYPE_BYTES[model.compute_dtype]
 
     # -- shapes --------------------------------------------------------------------------
     def tokens_per_unit(self, module: str) -> int:
@@ -61,7 +63,7 @@ class CostModel:
         """Activation sent between consecutive chunks (and kept per chunk under recompute)."""
         cfg = getattr(self.model, module)
         width = cfg.dim + (self.model.dit.cond_tokens * cfg.dim / cfg.tokens_per_clip if module == "dit" else 0)
-        return BYTES * units * self.tokens_per_unit(module) * width
+        return self.bytes * units * self.tokens_per_unit(module) * width
 
     # -- work ----------------------------------------------------------------------------
     @functools.lru_cache(maxsize=None)
@@ -73,10 +75,11 @@ class CostModel:
         adim = cfg.heads * cfg.head_dim
         if module == "dit":
             lc = self.model.dit.cond_tokens
-            w = _block(n, n, cfg.dim, adim, mm + attn + 6 * cfg.dim * cfg.dim, False, extra_kv_tokens=lc)
+            w = _block(n, n, cfg.dim, adim, mm + attn + 6 * cfg.dim * cfg.dim, False, self.bytes,
+                       extra_kv_tokens=lc)
         else:
-            w = _block(n, n, cfg.dim, adim, mm, causal=module == "llm")
-        return Work(*(units * x if i != 2 else units * (x - BYTES * mm) + BYTES * mm
+            w = _block(n, n, cfg.dim, adim, mm, module == "llm", self.bytes)
+        return Work(*(units * x if i != 2 else units * (x - self.bytes * mm) + self.bytes * mm
                       for i, x in enumerate(dataclasses.astuple(w))))
 
     @functools.lru_cache(maxsize=None)
@@ -88,11 +91,11 @@ class CostModel:
         w = Work()
         if first:
             p = cfg.embed_params(m.llm.dim) if module == "dit" else cfg.embed_params()
-            w += Work(matmul_flops=2.0 * n * p if module != "llm" else 0.0, bytes=BYTES * (p + 2 * n * cfg.dim))
+            w += Work(matmul_flops=2.0 * n * p if module != "llm" else 0.0, bytes=self.bytes * (p + 2 * n * cfg.dim))
         if last:
             p = cfg.head_params(m.llm.dim) if module in ("vision", "audio") else cfg.head_params()
             out = n // (cfg.spatial_merge ** 2) if module == "vision" else n
-            w += Work(matmul_flops=2.0 * out * p, bytes=BYTES * (p + 2 * n * cfg.dim))
+            w += Work(matmul_flops=2.0 * out * p, bytes=self.bytes * (p + 2 * n * cfg.dim))
         return w
 
     # -- latency -------------------------------------------------------------------------
@@ -149,7 +152,7 @@ class CostModel:
         """Bytes one forward op leaves alive until its backward."""
         if strategy == "recompute":
             return self.boundary_bytes(module, units) / self.tp
-        return layers * self.layer_work(module, units).act_bytes * BYTES / 2 / self.tp
+        return layers * self.layer_work(module, units).act_bytes / self.tp
 
     def working_bytes(self, module: str, layers: int, units: int) -> float:
         """Transient peak while a backward op recomputes its chunk."""

@@ -27,8 +27,9 @@ from dip_jax.models.lmm import flow_loss_sum, flow_targets, lm_loss_sum
 from dip_jax.plan import tables as T
 from dip_jax.runtime import sharding as S
 from dip_jax.runtime.channels import packed_ppermute, packed_psum
-from dip_jax.runtime.sharding import REPLICA, STAGE
+from dip_jax.runtime.sharding import REPLICA, STAGE, TENSOR
 from dip_jax.runtime.stages import like
+from dip_jax.runtime.tensor import split_block
 
 row = lambda a, i: lax.dynamic_index_in_dim(a, i, 0, keepdims=False)
 put = lambda a, i, x: lax.dynamic_update_index_in_dim(a, x, i, 0)
@@ -46,7 +47,7 @@ def _where(c, a, b):
     return jax.tree.map(lambda x, y: jnp.where(c, x, y), a, b)
 
 
-def build_step(spec, sig: T.Signature, mesh, packed: bool = True):
+def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_reductions: bool = False):
     """spec: runtime.pipeline.ExecSpec (module graphdefs, shapes). Returns the (unjitted) step
 
     step(params, masks, batch, ops, recv, n_ticks) -> (loss, grads)
@@ -55,7 +56,10 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True):
     the stages, other parameters replicated); `grads` has their layout, for the modules with
     backward ops, reduced over the data replicas. `packed=False` sends one collective per
     channel and gradient leaf (what a tick and a step cost before packing; kept to measure it and
-    for the HLO lint's negative control).
+    for the HLO lint's negative control). The program is manual over every mesh axis; with a
+    'tensor' axis each device runs its chunks on its own share of the blocks' heads and hidden
+    units, and runtime/tensor.py adds the group's all-reduces (`drop_tensor_reductions` leaves
+    them out: the tensor tests' negative control).
     """
     Pn = sig.P
     mods = sig.modules
@@ -74,16 +78,19 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True):
     fwd_perm = [(i, (i + 1) % Pn) for i in range(Pn)]
     bwd_perm = [(i, (i - 1) % Pn) for i in range(Pn)]
     D = spec.llm_dim
+    tensor_split = mesh.shape.get(TENSOR, 1) > 1
 
     def module_of(m, layer_p, edge):
         return nnx.merge(spec.graphdef[m], nnx.State({"blocks": layer_p}), edge)
 
     def blocks(m, layer_p, layer_mask, module, carry, ctx):
         block_def = spec.block_def[m]
+        merge = (lambda p: split_block(nnx.merge(block_def, p), TENSOR, drop_tensor_reductions)) if tensor_split \
+            else (lambda p: nnx.merge(block_def, p))
 
         def body(c, lp):
             p, keep = lp
-            return _where(keep, module.step(nnx.merge(block_def, p), c, ctx), c), None
+            return _where(keep, module.step(merge(p), c, ctx), c), None
         return lax.scan(body, carry, (layer_p, layer_mask))[0]
 
     def chunk(m, layer_p, layer_mask, edge, x_stash, ext, first, last, batch, mb, sub):
@@ -95,7 +102,7 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True):
             raw = _sub(row(batch[ENCODER_INPUT[m][0]], mb), sub, u)
             x = _where(first, module.embed(raw), x_stash)
             y = blocks(m, layer_p, layer_mask, module, x, None)
-            out = lax.cond(last, module.head, lambda y: jnp.zeros(spec.boundary_shape[m], jnp.float32), y)
+            out = lax.cond(last, module.head, lambda y: jnp.zeros(spec.boundary_shape[m], spec.dtype), y)
             return y, out, jnp.zeros((), jnp.float32)
         if m == "llm":
             inputs = {k: row(batch[k], mb)[None] for k in ("tokens", "segment_ids", "positions")}
@@ -140,12 +147,12 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True):
         buf = lambda tree, n: jax.tree.map(lambda a: jnp.zeros((n + 1, *a.shape), a.dtype), tree)
         bufs = {"stash": {m: buf(act[m], slots[m][0]) for m in mods},
                 "cot": {m: buf(act[m], slots[m][1]) for m in mods if bwd[m]},
-                "bnd": {e: jnp.zeros((nb + 1, *spec.bnd_shape[e]), jnp.float32) for e in encoders},
-                "bcot": {e: jnp.zeros((nb + 1, *spec.bnd_shape[e]), jnp.float32) for e in encoders if bwd[e]}}
+                "bnd": {e: jnp.zeros((nb + 1, *spec.bnd_shape[e]), spec.dtype) for e in encoders},
+                "bcot": {e: jnp.zeros((nb + 1, *spec.bnd_shape[e]), spec.dtype) for e in encoders if bwd[e]}}
         if has_dit:
             S = batch["tokens"].shape[-1]
             for k in ("cond", "hcot", "hacc"):
-                bufs[k] = jnp.zeros((nc + 1, S, D), jnp.float32)
+                bufs[k] = jnp.zeros((nc + 1, S, D), spec.dtype)
         grads = {"stacks": {m: zeros(stacks[m]) for m in mods if bwd[m]},
                  "edges": {m: zeros(edges[m]) for m in mods if bwd[m]}}
 
@@ -171,7 +178,7 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True):
                     y, out, l = chunk(m, take(stacks[m], v), row(masks[m], v), edges[m], x_in, ext,
                                       first, last, batch, mb, sub)
                     return go & False, y, out, loss + l
-                out0 = (jnp.zeros(spec.boundary_shape[m], jnp.float32) if m in encoders else
+                out0 = (jnp.zeros(spec.boundary_shape[m], spec.dtype) if m in encoders else
                         act["llm"] if m == "llm" else jnp.zeros((), jnp.float32))
                 go = (op[T.F_ON] == 1) & (op[T.F_MOD] == kid[m])
                 _, y, out, loss = lax.while_loop(lambda c: c[0], fwd, (go, act[m], out0, loss))
@@ -208,7 +215,7 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True):
                         payload = acc
                     return go & False, g_x, payload, hacc, g_stack, g_edge
 
-                pay0 = ({e: jnp.zeros(spec.bnd_shape[e], jnp.float32) for e in encoders} if m == "llm" else
+                pay0 = ({e: jnp.zeros(spec.bnd_shape[e], spec.dtype) for e in encoders} if m == "llm" else
                         bufs["hacc"][0] if m == "dit" else jnp.zeros((), jnp.float32))
                 go = (op[T.B_ON] == 1) & (op[T.B_MOD] == kid[m])
                 hacc = bufs["hacc"] if m == "dit" else jnp.zeros((), jnp.float32)   # the only buffer a body writes
@@ -257,7 +264,7 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True):
         return loss, out
 
     def param_specs(tree):
-        return jax.tree_util.tree_map_with_path(lambda p, _: S.spec(*S.state_leaf_names(p, mods, True)), tree)
+        return S.state_specs(mesh, tree, mods, True)
 
     def step(params, masks, batch, ops, recv, n_ticks):
         grads_like = {m: params[m] for m in mods if bwd[m]}

@@ -1,4 +1,4 @@
-"""Devices and the ('data', 'pipe') mesh.
+"""Devices and the ('data', 'pipe', 'tensor') mesh.
 
 On a host without an accelerator the CLI asks for 8 fake CPU devices; this must happen before
 jax initialises its backends, so `configure_host_devices` is called before anything touches jax.
@@ -11,7 +11,7 @@ import sys
 from dip_jax.config import ConfigError, TrainConfig
 
 DEFAULT_CPU_DEVICES = 8
-AXES = ("data", "pipe")
+AXES = ("data", "pipe", "tensor")
 
 
 def configure_host_devices(n: int = DEFAULT_CPU_DEVICES) -> None:
@@ -30,26 +30,33 @@ def configure_host_devices(n: int = DEFAULT_CPU_DEVICES) -> None:
 
 def check_devices(cfg: TrainConfig, n_devices: int) -> None:
     if cfg.mesh.devices > n_devices:
-        raise ConfigError(f"mesh: data={cfg.mesh.data} x pipe={cfg.mesh.pipe} needs {cfg.mesh.devices} devices, "
-                          f"only {n_devices} available")
-    # The unpipelined step (and greedy decoding) shards microbatches over every device of the
-    # mesh; pipelined schedules only split them over the data replicas (checked in config.py).
+        raise ConfigError(f"mesh: {_shape(cfg)} needs {cfg.mesh.devices} devices, only {n_devices} available")
+    # The unpipelined step (and greedy decoding) shards microbatches over the data x pipe
+    # devices of the mesh (each a tensor group); pipelined schedules only split them over the data
+    # replicas (checked in config.py).
     unpipelined = cfg.pipeline.schedule == "none"
-    if (unpipelined or cfg.data.task == "digits") and cfg.data.microbatches % cfg.mesh.devices:
+    groups = cfg.mesh.data * cfg.mesh.pipe
+    if (unpipelined or cfg.data.task == "digits") and cfg.data.microbatches % groups:
         user = "pipeline.schedule=none shards them" if unpipelined else "greedy decoding (data.task=digits) shards them"
         raise ConfigError(f"data.microbatches: {cfg.data.microbatches} microbatches cannot be split over the "
-                          f"{cfg.mesh.devices} devices of mesh data={cfg.mesh.data} x pipe={cfg.mesh.pipe} "
-                          f"({user} over every device)")
+                          f"{groups} {'devices' if cfg.mesh.tensor == 1 else 'tensor groups'} of mesh {_shape(cfg)} "
+                          f"({user} over data x pipe)")
 
 
-def make_mesh(data: int, pipe: int, devices=None):
+def _shape(cfg: TrainConfig) -> str:
+    tensor = f" x tensor={cfg.mesh.tensor}" if cfg.mesh.tensor > 1 else ""
+    return f"data={cfg.mesh.data} x pipe={cfg.mesh.pipe}{tensor}"
+
+
+def make_mesh(data: int, pipe: int, tensor: int = 1, devices=None):
+    """The mesh ('data', 'pipe', 'tensor'); a pipeline rank is a group of `tensor` devices."""
     import jax
     from jax.sharding import AxisType
-    devices = list(jax.devices() if devices is None else devices)[: data * pipe]
-    return jax.make_mesh((data, pipe), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+    devices = list(jax.devices() if devices is None else devices)[: data * pipe * tensor]
+    return jax.make_mesh((data, pipe, tensor), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def mesh_for(cfg: TrainConfig):
     import jax
     check_devices(cfg, jax.device_count())
-    return make_mesh(cfg.mesh.data, cfg.mesh.pipe)
+    return make_mesh(cfg.mesh.data, cfg.mesh.pipe, cfg.mesh.tensor)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dip_jax.runtime.sharding import spec, state_leaf_names
+from dip_jax.runtime.sharding import state_specs
 
 
 def _axes(ps) -> tuple[str, ...]:
@@ -27,7 +27,7 @@ def _axes(ps) -> tuple[str, ...]:
 def sharded_global_norm(mesh, modules, staged: bool):
     """norm(tree) for trees shaped like the train state's params (gradients, updates)."""
     def specs(tree):
-        return jax.tree_util.tree_map_with_path(lambda p, _: spec(*state_leaf_names(p, modules, staged)), tree)
+        return state_specs(mesh, tree, modules, staged)
 
     def norm(tree):
         ps = specs(tree)

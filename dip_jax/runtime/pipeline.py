@@ -40,16 +40,21 @@ class ExecSpec:
     bnd_shape: dict
     llm_dim: int
     dit_loss_weight: float
+    dtype: object                    # of the activations carried between chunks (the compute dtype)
 
 
 class PipelineExecutor:
     def __init__(self, model: LMM, partition: ModalityPartition, mesh, max_items: dict[str, int],
                  seq_len: int, cache_size: int = 8, persistent_cache_dir: str | None = None,
-                 tx: optax.GradientTransformation | None = None, packed_channels: bool = True):
+                 tx: optax.GradientTransformation | None = None, packed_channels: bool = True,
+                 shard_state_over_data: bool = False, drop_tensor_reductions: bool = False):
         """`model`: the LMM, concrete or abstract (`nnx.eval_shape`): only its structure is
         read. `tx`: the optimizer `train_step` applies. `packed_channels=False`: one collective
-        per channel and tick instead of one per direction (for measurements)."""
+        per channel and tick instead of one per direction (for measurements).
+        `shard_state_over_data`: the optimizer moments are split over 'data' too (ZeRO-1).
+        `drop_tensor_reductions`: leave out the tensor group's all-reduces (a negative control)."""
         self.partition, self.mesh, self.tx = partition, mesh, tx
+        self.zero, self.drop_tensor_reductions = shard_state_over_data, drop_tensor_reductions
         self.packed_channels = packed_channels
         self.P = partition.P
         self.data = mesh.shape[REPLICA]
@@ -69,7 +74,8 @@ class PipelineExecutor:
                 t = getattr(cfg, m).tokens_per_image if m == "vision" else getattr(cfg, m).tokens_per_clip
                 bshape[m] = (self.unit[m], t, cfg.llm.dim)
                 bnd[m] = (self.subs[m], self.unit[m], t, cfg.llm.dim)
-        self.spec = ExecSpec(graphdef, block_def, carry, bshape, bnd, cfg.llm.dim, cfg.dit_loss_weight)
+        dtype = jax.tree.leaves(carry["llm"])[0].dtype
+        self.spec = ExecSpec(graphdef, block_def, carry, bshape, bnd, cfg.llm.dim, cfg.dit_loss_weight, dtype)
         self._buckets: dict = {}
         self._relayouts: dict = {}
         self.masks = {m: jax.device_put(l.index()[1], named(mesh, "stage")) for m, l in self.layouts.items()}
@@ -96,7 +102,7 @@ class PipelineExecutor:
     # -- parameters ----------------------------------------------------------------------
     def state_shardings(self, tree, staged: bool = True):
         """Shardings of a train-state tree in the stage layout (`staged`) or the model layout."""
-        return state_shardings(self.mesh, tree, self.modules, staged)
+        return state_shardings(self.mesh, tree, self.modules, staged, self.zero)
 
     def to_stage(self, tree):
         """Model-layout params (or any state tree) -> stage layout, placed (on device)."""
@@ -207,7 +213,7 @@ class PipelineExecutor:
 
     def _build(self, key):
         kind, sig = key
-        core = build_step(self.spec, sig, self.mesh, self.packed_channels)
+        core = build_step(self.spec, sig, self.mesh, self.packed_channels, self.drop_tensor_reductions)
         if kind == "grads":
             return jax.jit(core)
         if self.tx is None:
@@ -221,6 +227,9 @@ class PipelineExecutor:
             updates, opt_state = tx.update(grads, state["opt_state"], params)
             new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                    "step": state["step"] + 1, "rng": state["rng"]}
+            # the state keeps its shardings (moments split over 'data' stay split), so a donated
+            # state is always a valid input of the next step's program
+            new = jax.lax.with_sharding_constraint(new, self.state_shardings(new))
             return new, {"loss": loss, "grad_norm": self.global_norm(grads)}
         return jax.jit(train, donate_argnums=0)
 

@@ -19,11 +19,13 @@ class PipelinedStep:
         when its partition is `ctx`'s."""
         self.cfg, self.ctx = cfg, ctx
         d = cfg.data
-        reuse = executor is not None and executor.partition == ctx.partition
+        zero = cfg.optim.shard_state_over_data
+        reuse = executor is not None and executor.partition == ctx.partition and executor.zero == zero
         self.executor = executor if reuse else PipelineExecutor(model, ctx.partition, mesh,
                                          {"vision": d.max_images, "audio": d.max_audio_clips, "dit": d.max_video_clips},
                                          d.seq_len, cfg.pipeline.step_cache_size,
-                                         cfg.pipeline.compile_cache_dir or None, tx=tx)
+                                         cfg.pipeline.compile_cache_dir or None, tx=tx,
+                                         shard_state_over_data=zero)
         self.layouts = dict(self.executor.layouts)
         self._eval_plans: dict[int, tuple] = {}     # eval batch index -> (order, plans): fixed batches
 

@@ -1,7 +1,7 @@
 """Refuse, before anything is allocated, a config whose state cannot fit the devices.
 
 The estimate is the planner's memory model (dip_jax/plan/cost.py): 16 bytes per parameter for
-weights, gradients and Adam moments, the transformer blocks divided over `mesh.pipe` and every
+weights, gradients and Adam moments, the transformer blocks divided over `mesh.pipe` x `mesh.tensor` and every
 other parameter (embeddings, heads, projectors) on every device. It ignores activations, so a
 config it lets through may still run out of memory; one it refuses cannot train here.
 """
@@ -17,7 +17,7 @@ def state_bytes_per_device(cfg: TrainConfig) -> float:
     m = cfg.model
     total = m.param_count()
     blocks = sum(getattr(m, name).layers * getattr(m, name).block_params() for name in m.modules)
-    return STATE_BYTES_PER_PARAM * (blocks / cfg.mesh.pipe + (total - blocks))
+    return STATE_BYTES_PER_PARAM * (blocks / (cfg.mesh.pipe * cfg.mesh.tensor) + (total - blocks))
 
 
 def host_memory_bytes() -> float | None:
@@ -58,11 +58,11 @@ def check_state_fits(cfg: TrainConfig, devices) -> None:
         total = need * len(devices)
         if have is not None and total > have:
             raise ConfigError(f"model {cfg.model.name}: parameters + Adam state need ~{gb(need)} per device "
-                              f"(16 bytes/param, blocks over mesh.pipe={cfg.mesh.pipe}) x {len(devices)} CPU devices "
+                              f"(16 bytes/param, blocks over mesh.pipe={cfg.mesh.pipe} x mesh.tensor={cfg.mesh.tensor}) x {len(devices)} CPU devices "
                               f"= {gb(total)}, but the host has {gb(have)} available{hint}")
         return
     have = device_memory_bytes(devices[0])
     if have is not None and need > have:
         raise ConfigError(f"model {cfg.model.name}: parameters + Adam state need ~{gb(need)} per device "
-                          f"(16 bytes/param, blocks over mesh.pipe={cfg.mesh.pipe}), but a {devices[0].device_kind} "
+                          f"(16 bytes/param, blocks over mesh.pipe={cfg.mesh.pipe} x mesh.tensor={cfg.mesh.tensor}), but a {devices[0].device_kind} "
                           f"has {gb(have)}{hint}")

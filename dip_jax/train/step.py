@@ -18,9 +18,10 @@ def loss_fn(graphdef, params, batch):
     return nnx.merge(graphdef, params)(batch)
 
 
-def make_train_step(graphdef, tx, remat: bool = False):
+def make_train_step(graphdef, tx, remat: bool = False, shardings=None):
     """`remat`: the backward recomputes the forward (as the pipelined executor's chunks do), so
-    that benchmarks can compare like with like."""
+    that benchmarks can compare like with like. `shardings`: the state's; the updated state
+    keeps them (optimizer moments split over 'data' stay split, so the step never recompiles)."""
     objective = functools.partial(loss_fn, graphdef)
     if remat:
         objective = jax.checkpoint(objective)
@@ -31,6 +32,8 @@ def make_train_step(graphdef, tx, remat: bool = False):
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
                "step": state["step"] + 1, "rng": state["rng"]}
+        if shardings is not None:
+            new = jax.lax.with_sharding_constraint(new, shardings)
         return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
 
     return train_step

@@ -32,7 +32,7 @@ from dip_jax.train.metrics import MetricsWriter, RunStats, read_records
 from dip_jax.train.nonfinite import NonfiniteMonitor
 from dip_jax.train.optim import build_optimizer
 from dip_jax.train.preflight import check_state_fits
-from dip_jax.train.state import abstract_model, count_params, create_state, model_layouts, state_bytes
+from dip_jax.train.state import abstract_model, count_params, create_state, model_layouts, state_bytes, state_shapes
 from dip_jax.train.step import make_eval_loss, make_logits_fn, make_train_step, put_batch
 from dip_jax.train.workdir import workdir_session
 
@@ -180,9 +180,10 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
         step_fn = PipelinedStep(cfg, model, mesh, tx, ctx, measured_on)
         layouts = step_fn.layouts
     else:
-        reference = make_train_step(graphdef, tx)
-        step_fn = lambda state, batch, plan: reference(state, put_batch(batch.arrays, mesh))
         layouts = model_layouts(cfg)
+        shardings = jax.tree.map(lambda x: x.sharding, state_shapes(cfg, tx, mesh, layouts))
+        reference = make_train_step(graphdef, tx, shardings=shardings)
+        step_fn = lambda state, batch, plan: reference(state, put_batch(batch.arrays, mesh))
     state = create_state(cfg, tx, mesh, layouts)
     data = train_iterator(cfg)
     ckpt = (CheckpointGuard(Checkpointer(workdir / "checkpoints", cfg.checkpoint, layouts, mesh), lead)

@@ -20,7 +20,7 @@ from dip_jax.config import ConfigError, TrainConfig
 from dip_jax.train.errors import RunStopped
 
 # model keys that do not change any parameter's shape
-_SHAPELESS_MODEL_KEYS = {"model.name", "model.dit_loss_weight", "model.llm.rope_theta"}
+_SHAPELESS_MODEL_KEYS = {"model.name", "model.dit_loss_weight", "model.llm.rope_theta", "model.compute_dtype"}
 
 
 def config_dict(cfg: TrainConfig) -> dict:
