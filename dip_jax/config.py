@@ -11,7 +11,9 @@ import contextvars
 import dataclasses
 from typing import Optional
 
-SCHEDULES = ("dip", "1f1b", "interleaved_1f1b", "gpipe", "encoders_first", "none")
+BASELINES = ("gpipe", "1f1b", "interleaved_1f1b", "encoders_first")   # static schedules DIP is compared with
+SCHEDULERS = ("dip", *BASELINES)                     # what the executor runs
+SCHEDULES = (*SCHEDULERS, "none")                    # pipeline.schedule: a scheduler or the unpipelined step
 MODULES = ("vision", "audio", "llm", "dit")
 OVERSIZE = ("truncate", "skip", "error")
 ON_NONFINITE = ("stop", "skip")

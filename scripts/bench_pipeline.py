@@ -33,7 +33,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SCHEDULERS = ("dip", "gpipe", "1f1b", "interleaved_1f1b", "encoders_first")
+from dip_jax.config import SCHEDULERS  # noqa: E402
+
 TIE = 0.03
 
 

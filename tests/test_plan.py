@@ -10,7 +10,8 @@ from hypothesis import given, settings, strategies as st
 
 from dip_jax.plan.baselines import BASELINES, classic_order, schedule_baseline
 from dip_jax.plan.partition import balanced_split, split_layers
-from dip_jax.plan.schedule import B, F, Graph, ModuleChunks, Op, Plan, ScheduleError, validate
+from dip_jax.plan.schedule import B, F, Graph, ModuleChunks, Op, Plan, ScheduleError
+from dip_jax.plan.validate import validate
 from dip_jax.plan.search import search
 from dip_jax.plan.simulate import Costs, simulate
 

@@ -9,3 +9,28 @@ def test_plan_config_and_packing_import_without_jax():
             "dip_jax.plan.schedulers, dip_jax.plan.__main__, dip_jax.viz.timeline; "
             "bad = [m for m in ('jax', 'flax', 'optax') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_planning_imports_no_jax_and_no_grain_when_it_runs(root, tmp_path):
+    """A PlanContext built and used (its partition probe reads synthetic batches), and the plan
+    CLI run end to end, in a fresh process: neither jax nor grain is ever imported."""
+    code = f"""
+import sys
+from dip_jax.overrides import load_config_file
+from dip_jax.plan.schedulers import PlanContext
+from dip_jax.data.stream import PackedStream
+cfg = load_config_file({str(root / 'configs/tiny_cpu.py')!r})
+ctx = PlanContext(cfg)
+meta = PackedStream(cfg, content=False).metadata(3)[: cfg.data.microbatches // cfg.mesh.data]
+assert ctx.plan(meta, "dip", rollouts=2, seed=0).plan is not None
+from dip_jax.plan.__main__ import main
+assert main(["--config", {str(root / 'configs/tiny_cpu.py')!r}, "--batches", "2", "--rollouts", "2",
+             "--workers", "1", "--out", {str(tmp_path)!r}]) == 0
+bad = [m for m in ("jax", "grain", "flax", "optax") if m in sys.modules]
+assert not bad, bad
+"""
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # negative control: the grain pipeline's batches do import grain
+    check = ("import sys; from dip_jax.data.pipeline import PackedBatches; assert 'grain' in sys.modules")
+    assert subprocess.run([sys.executable, "-c", check], cwd=root).returncode == 0

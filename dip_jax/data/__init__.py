@@ -1,5 +1,6 @@
 """Samples, their metadata, packing and the grain input pipelines.
 
-`metadata`, `packing`, `synthetic` and `digits` are numpy-only, so the planner can pack
-metadata exactly as the trainer packs samples; `pipeline` adds grain.
+`metadata`, `packing`, `oversize`, `synthetic`, `digits` and `stream` (batch index -> packed
+microbatches) are numpy-only, so the planner packs metadata exactly as the trainer packs
+samples without importing an input pipeline; `pipeline` adds grain and collation.
 """

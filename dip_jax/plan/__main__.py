@@ -13,7 +13,7 @@ import pathlib
 import statistics
 import sys
 
-from dip_jax.config import ConfigError
+from dip_jax.config import SCHEDULERS, ConfigError
 
 
 def _args(argv):
@@ -21,7 +21,7 @@ def _args(argv):
     p.add_argument("--config", required=True)
     p.add_argument("--metadata", help="JSONL, one sample per line: text_tokens, images, audio_seconds, video_seconds")
     p.add_argument("--batches", type=int, default=4)
-    p.add_argument("--schedulers", default="dip,1f1b,interleaved_1f1b,gpipe,encoders_first")
+    p.add_argument("--schedulers", default=",".join(SCHEDULERS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", type=float, default=1.0, help="DIP search seconds per batch")
     p.add_argument("--rollouts", type=int, default=None, help="fixed rollout count (deterministic) instead of --budget")
@@ -55,8 +55,8 @@ def batches_for(cfg, args):
         if not full:
             raise ConfigError(f"--metadata: {args.metadata} fills no whole batch of {cfg.data.microbatches} microbatches")
         return full[: args.batches], counts
-    from dip_jax.data.pipeline import PackedBatches
-    source = PackedBatches(cfg, content=False)
+    from dip_jax.data.stream import PackedStream
+    source = PackedStream(cfg, content=False)
     counts = OversizeCounts()
     batches = []
     for i in range(args.batches):

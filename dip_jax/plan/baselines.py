@@ -6,11 +6,10 @@ are policies of the list scheduler in interleave.py.
 """
 from __future__ import annotations
 
+from dip_jax.config import BASELINES  # noqa: F401  (the one list of scheduler names lives in config)
 from dip_jax.plan.interleave import Policy, default_priority, interleave
 from dip_jax.plan.schedule import B, ENCODERS, F, Graph, Op, Plan
 from dip_jax.plan.simulate import Costs
-
-BASELINES = ("gpipe", "1f1b", "interleaved_1f1b", "encoders_first")
 
 
 def is_classic(graph: Graph) -> bool:

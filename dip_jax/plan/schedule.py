@@ -1,4 +1,4 @@
-"""The schedule IR: ops, the dependency graph of one batch, per-rank op orders, validation.
+"""The schedule IR: ops, the dependency graph of one batch, per-rank op orders (validation: validate.py).
 
 A module with `chunks` chunks places chunk c on rank c % P. Sub-microbatch `sub` of module
 `module` in microbatch `mb` runs forward through chunks 0..chunks-1 and backward in reverse.
@@ -116,67 +116,26 @@ class Graph:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """One batch's schedule: the graph, each rank's op order, and the memory strategy per
-    (module, chunk, mb, sub) pair that differs from the default ("recompute")."""
+    """One batch's schedule: the graph and each rank's op order (every backward recomputes
+    its chunk's forward; a per-op memory strategy joins the IR when the runtime lowers it)."""
 
     graph: Graph
     order: tuple[tuple[Op, ...], ...]
     scheduler: str = ""
-    strategy: tuple[tuple[Op, str], ...] = ()
-
-    def strategy_of(self, op: Op) -> str:
-        return dict(self.strategy).get(Op(F, op.module, op.chunk, op.mb, op.sub), "recompute")
 
     def to_json(self) -> dict:
         enc = lambda o: [o.kind, o.module, o.chunk, o.mb, o.sub]
         return {"scheduler": self.scheduler, "graph": self.graph.to_json(),
-                "order": [[enc(o) for o in r] for r in self.order],
-                "strategy": [[enc(o), s] for o, s in self.strategy]}
+                "order": [[enc(o) for o in r] for r in self.order]}
 
     @classmethod
     def from_json(cls, d: dict) -> "Plan":
         dec = lambda x: Op(*x)
         return cls(Graph.from_json(d["graph"]), tuple(tuple(dec(o) for o in r) for r in d["order"]),
-                   d.get("scheduler", ""), tuple((dec(o), s) for o, s in d.get("strategy", ())))
+                   d.get("scheduler", ""))
 
     def dumps(self) -> str:
         return json.dumps(self.to_json())
-
-
-def validate(plan: Plan, costs=None, memory_cap: float | None = None) -> None:
-    """Raise ScheduleError unless every op appears exactly once on its rank, each rank's order
-    respects same-rank dependencies, the ranks cannot deadlock, and (given `costs`, a
-    `simulate.Costs`) no rank's simulated peak memory exceeds `memory_cap`."""
-    g = plan.graph
-    if len(plan.order) != g.P:
-        raise ScheduleError("ranks", f"plan has {len(plan.order)} rank lists, graph has P={g.P}")
-    expected = set(g.ops())
-    seen: set[Op] = set()
-    for r, ops in enumerate(plan.order):
-        for op in ops:
-            if op in seen:
-                raise ScheduleError("duplicate", f"{op} appears twice")
-            if op not in expected:
-                raise ScheduleError("unknown", f"{op} is not an op of this batch")
-            if g.rank(op) != r:
-                raise ScheduleError("wrong_rank", f"{op} belongs on rank {g.rank(op)}, found on rank {r}")
-            seen.add(op)
-    missing = expected - seen
-    if missing:
-        raise ScheduleError("missing", f"{len(missing)} ops missing, e.g. {min(missing)}")
-    for r, ops in enumerate(plan.order):
-        pos = {op: i for i, op in enumerate(ops)}
-        for i, op in enumerate(ops):
-            for p in g.preds(op):
-                if g.rank(p) == r and pos[p] > i:
-                    raise ScheduleError("dependency", f"rank {r} runs {op} before its input {p}")
-    from dip_jax.plan.indexed import Indexed
-    from dip_jax.plan.simulate import Costs as _Costs, topological
-    ix = Indexed(g, _Costs(latency=lambda op: 0.0))
-    topological(ix, ix.order_ids(plan))                # raises ScheduleError("deadlock")
-    if costs is not None and memory_cap is not None:
-        from dip_jax.plan.simulate import check_memory, simulate
-        check_memory(simulate(plan, costs, "async"), memory_cap)
 
 
 def by_rank(graph: Graph, ops: Iterable[Op]) -> tuple[tuple[Op, ...], ...]:

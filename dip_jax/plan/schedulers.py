@@ -11,6 +11,7 @@ import dataclasses
 import time
 from typing import Sequence
 
+from dip_jax import config
 from dip_jax.config import TrainConfig
 from dip_jax.data.metadata import SampleMeta
 from dip_jax.plan import hardware
@@ -18,12 +19,13 @@ from dip_jax.plan.baselines import BASELINES, schedule_baseline
 from dip_jax.plan.cost import CostModel
 from dip_jax.plan.partition import (ModalityPartition, backward_modules, dip_partition, megatron_partition,
                                     static_best_partition)
-from dip_jax.plan.schedule import Plan, validate
+from dip_jax.plan.schedule import Plan
+from dip_jax.plan.validate import validate
 from dip_jax.plan.search import default_seconds, parallel_search
 from dip_jax.plan.simulate import Costs, Timeline, simulate
 from dip_jax.plan.workload import Workload, workload_from_metadata
 
-SCHEDULERS = ("dip", *BASELINES, "nnscaler")
+SCHEDULERS = (*config.SCHEDULERS, "nnscaler")   # nnscaler: simulated only (a mixed static partition)
 MEGATRON_V = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2}
 
 
@@ -75,8 +77,8 @@ class PlanContext:
         every process that builds this context, so all agree on the partition)."""
         if self.cfg.data.task != "synthetic":
             return None
-        from dip_jax.data.pipeline import PackedBatches
-        source = PackedBatches(self.cfg, content=False)
+        from dip_jax.data.stream import PackedStream
+        source = PackedStream(self.cfg, content=False)
         per = self.cfg.data.microbatches // self.cfg.mesh.data
         works = [self.workload(source.metadata(i)[:per]) for i in range(2)]
         return lambda part: sum(default_seconds(part.graph(w), part.costs(self.cost, self.cfg.model), self.memory_cap)

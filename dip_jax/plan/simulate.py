@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from dip_jax.plan.indexed import Indexed
 from dip_jax.plan.schedule import Op, Plan, ScheduleError
 
 
@@ -155,7 +156,6 @@ def iteration_seconds(ix, order: list[list[int]], mode: str = "lockstep") -> flo
 
 
 def simulate(plan: Plan, costs: Costs, mode: str = "lockstep", ix=None) -> Timeline:
-    from dip_jax.plan.indexed import Indexed
     ix = ix or Indexed(plan.graph, costs)
     order = ix.order_ids(plan)
     start, end, tick, total = run(ix, order, mode)

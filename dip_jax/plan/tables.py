@@ -18,7 +18,8 @@ import heapq
 import numpy as np
 
 from dip_jax.plan.indexed import Indexed
-from dip_jax.plan.schedule import B, ENCODERS, F, Op, Plan, validate
+from dip_jax.plan.schedule import B, ENCODERS, F, Op, Plan
+from dip_jax.plan.validate import validate
 from dip_jax.plan.simulate import Costs, run
 
 # columns of ops[t, rank, :]
