@@ -35,6 +35,7 @@ from jax import lax
 from dip_jax.config import TrainConfig
 from dip_jax.plan import tables as T
 from dip_jax.plan.calibrated import Calibration
+from dip_jax.runtime.mesh import mesh_shape
 
 KINDS = ("F", "B")
 
@@ -265,7 +266,7 @@ def calibrate(cfg: TrainConfig, mesh, executor, ctx, log=print) -> Calibration:
     from dip_jax.runtime.distributed import broadcast_json
     part = ctx.partition
     log(f"dip_jax: calibrating on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-        f"mesh {dict(mesh.shape)}: ops alone")
+        f"mesh {mesh_shape(mesh)}: ops alone")
     ops, head, acc = measure_ops(cfg, {m.name: m.unit for m in part.modules},
                                  {m.name: m.backward for m in part.modules}, log)
     batch = PackedBatches(cfg)(0)
@@ -291,7 +292,7 @@ def profile_key(cfg: TrainConfig, mesh) -> dict:
     model = json.loads(json.dumps(dataclasses.asdict(cfg.model), default=str))
     d = cfg.data
     return {"backend": jax.default_backend(), "device_kind": dev.device_kind, "jax": jax.__version__,
-            "processes": jax.process_count(), "mesh": {k: int(v) for k, v in mesh.shape.items()},
+            "processes": jax.process_count(), "mesh": mesh_shape(mesh),
             "model": model, "seq_len": d.seq_len, "microbatches": d.microbatches,
             "items": [d.max_images, d.max_audio_clips, d.max_video_clips], "frozen": list(cfg.optim.frozen),
             "base": _base(cfg)}

@@ -355,8 +355,8 @@ class OptimConfig:
     # (module, multiplier) pairs, e.g. (("vision", 0.5),); a module listed in `frozen` gets none
     lr_multipliers: tuple = ()
     frozen: tuple = ()
-    # ZeRO-1: Adam moments split over the data replicas (each replica updates its share; the
-    # update gathers what it needs); has an effect only when mesh.data > 1
+    # ZeRO-1: a pipelined run's Adam moments split over the data replicas (each replica updates
+    # its share; the update gathers what it needs); has an effect only when mesh.data > 1
     shard_state_over_data: bool = True
 
     def check(self) -> None:

@@ -131,7 +131,7 @@ def test_auto_calibrates_once_and_every_step_reports_its_prediction_error(auto_r
     work, first, second, profiles, stamps = auto_run
     assert len(profiles) == 1 and [p.stat().st_mtime_ns for p in profiles] == stamps   # reused, not remeasured
     cal = read(profiles[0])
-    assert cal.key["mesh"] == {"data": 1, "pipe": 2, "tensor": 1} and cal.key["backend"] == jax.default_backend()
+    assert cal.key["mesh"] == {"data": 1, "pipe": 2} and cal.key["backend"] == jax.default_backend()
     assert set(cal.ops) == {"vision", "llm"} and cal.tick_seconds > 0 and cal.step_seconds > 0
     for m in cal.accuracy.values():                       # held-out shapes were measured
         for k in m.values():

@@ -34,3 +34,12 @@ assert not bad, bad
     # negative control: the grain pipeline's batches do import grain
     check = ("import sys; from dip_jax.data.pipeline import PackedBatches; assert 'grain' in sys.modules")
     assert subprocess.run([sys.executable, "-c", check], cwd=root).returncode == 0
+
+
+def test_schedule_ir_imports_nothing_of_the_planner():
+    """The IR (schedule.py) is what indexed.py, simulate.py and validate.py build on; importing
+    it must not pull them in (no import cycle between them)."""
+    code = ("import sys, dip_jax.plan.schedule; "
+            "bad = [m for m in ('indexed', 'simulate', 'validate', 'interleave', 'search') "
+            "if 'dip_jax.plan.' + m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -56,6 +56,12 @@ def make_mesh(data: int, pipe: int, tensor: int = 1, devices=None):
     return jax.make_mesh((data, pipe, tensor), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
+def mesh_shape(mesh) -> dict[str, int]:
+    """{axis: size} as runs report it: 'tensor' only when it splits the stages (size > 1), so a
+    run without tensor parallelism reads as it always has (summaries, calibration keys)."""
+    return {a: int(n) for a, n in mesh.shape.items() if a != "tensor" or n > 1}
+
+
 def mesh_for(cfg: TrainConfig):
     import jax
     check_devices(cfg, jax.device_count())

@@ -54,7 +54,9 @@ def state_shapes(cfg: TrainConfig, tx, mesh, layouts: Layouts) -> dict:
     """The train state in `layouts` as ShapeDtypeStructs with their shardings (nothing allocated)."""
     staged = any(l is not None for l in layouts.values())
     shapes = jax.eval_shape(lambda: _state(_initial_params(cfg, layouts), tx, cfg.train.seed))
-    shardings = state_shardings(mesh, shapes, tuple(layouts), staged, cfg.optim.shard_state_over_data)
+    # ZeRO-1 splits a pipelined state's moments; the reference step's state stays whole (replicated)
+    zero = staged and cfg.optim.shard_state_over_data
+    shardings = state_shardings(mesh, shapes, tuple(layouts), staged, zero)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 

@@ -22,7 +22,7 @@ from dip_jax.data.oversize import OversizeCounts
 from dip_jax.data.packing import Budget
 from dip_jax.data.pipeline import batch_dataset, train_iterator
 from dip_jax.runtime.distributed import broadcast_plan
-from dip_jax.runtime.mesh import mesh_for
+from dip_jax.runtime.mesh import mesh_for, mesh_shape
 from dip_jax.train.checkpoint import Checkpointer
 from dip_jax.train.checkpoint_guard import CheckpointGuard
 from dip_jax.train.errors import RunStopped
@@ -160,8 +160,10 @@ def _stop_after_interrupt(interrupts, ckpt, step: int, start: int, state, data_s
 
 
 def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interrupts) -> dict:
+    # memory first: a config too large for this host is refused with the hint to plan it instead,
+    # whatever else does not fit (the paper's configs also ask for more devices than a laptop has)
+    check_state_fits(cfg, jax.local_devices()[: cfg.mesh.devices])
     mesh = mesh_for(cfg)
-    check_state_fits(cfg, [d for d in mesh.devices.flat if d.process_index == jax.process_index()])
 
     graphdef, model = abstract_model(cfg)
     pipelined = cfg.pipeline.schedule != "none"
@@ -204,11 +206,11 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
     stats.add_history(read_records(workdir / "metrics.jsonl", start) if lead and start else [])
     guard = NonfiniteMonitor(cfg.train)
     bytes_total, bytes_device = state_bytes(state, layouts)
-    placement = {"mesh": dict(mesh.shape), "devices": int(mesh.devices.size), "state_bytes_total": bytes_total,
+    placement = {"mesh": mesh_shape(mesh), "devices": int(mesh.devices.size), "state_bytes_total": bytes_total,
                  "state_bytes_per_device_max": bytes_device}
     if lead:
         print(f"dip_jax: {cfg.model.name}, {count_params(nnx.state(model)):,} params, {len(mesh.devices.flat)} devices "
-              f"{dict(mesh.shape)} in {jax.process_count()} process(es), schedule {cfg.pipeline.schedule}, "
+              f"{mesh_shape(mesh)} in {jax.process_count()} process(es), schedule {cfg.pipeline.schedule}, "
               f"steps {start}->{cfg.train.steps}, workdir {workdir}", flush=True)
         print(f"dip_jax: state (params + optimizer) {_gb(bytes_total)} in all, at most {_gb(bytes_device)} "
               f"on one device", flush=True)
