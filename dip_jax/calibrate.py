@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from dip_jax import specs
 from dip_jax.config import TrainConfig
 from dip_jax.plan import tables as T
 from dip_jax.plan.calibrated import Calibration
@@ -57,27 +58,19 @@ def median_seconds(fn, reps: int, warmup: int = 2) -> float:
 # -- one op alone ------------------------------------------------------------------------
 def _with_layers(cfg: TrainConfig, layers: int):
     m = cfg.model
-    subs = {name: dataclasses.replace(getattr(m, name), layers=layers) for name in m.modules}
-    return dataclasses.replace(m, **subs)
+    return m.with_modules({name: dataclasses.replace(m.module(name), layers=layers) for name in m.modules})
 
 
 def _inputs(model_cfg, module: str, units: int, seq_len: int):
-    """Random inputs of one op: `units` items of an encoder or the dit, one sequence of the llm."""
+    """Random inputs of one op: `units` items of an encoder or the generator, one sequence of
+    the backbone (random token ids below the backbone's vocabulary)."""
     rng = np.random.default_rng(0)
-    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
-    if module == "vision":
-        v = model_cfg.vision
-        return f(units, v.image_size, v.image_size, v.channels)
-    if module == "audio":
-        a = model_cfg.audio
-        return f(units, a.frames_per_clip, a.mel_bins)
-    if module == "llm":
-        tokens = jnp.asarray(rng.integers(0, model_cfg.llm.vocab_size, (1, seq_len)), jnp.int32)
-        return {"tokens": tokens, "segment_ids": jnp.ones((1, seq_len), jnp.int32),
-                "positions": jnp.arange(seq_len, dtype=jnp.int32)[None], "merges": ()}
-    d = model_cfg.dit
-    return {"x_t": f(units, d.tokens_per_clip, d.latent_channels), "t": jnp.full((units,), 0.5, jnp.float32),
-            "cond": f(units, d.cond_tokens, model_cfg.llm.dim), "cond_mask": jnp.ones((units, d.cond_tokens), bool)}
+
+    def make(shape, dtype):
+        if jnp.issubdtype(dtype, jnp.integer):
+            return jnp.asarray(rng.integers(0, model_cfg.llm.vocab_size, shape), dtype)
+        return jnp.asarray(rng.standard_normal(shape), dtype)
+    return specs.get(module).runtime_half().example_input(model_cfg, units, seq_len, make)
 
 
 def _op_fn(module_obj, kind: str, last: bool):
@@ -148,7 +141,7 @@ def _build(cfg: TrainConfig, layers: int):
 def _grid(module: str, unit: int):
     """(unit counts, layer counts) measured, and held-out (layers, units) shapes. The llm's op
     is one sequence; the others are measured at the partition's unit and twice it."""
-    if module == "llm":
+    if specs.get(module).role == specs.BACKBONE:
         return [1], [1, 2], [(3, 1)]
     unit = max(1, unit)
     return [unit, 2 * unit], [1, 2], [(3, unit), (2, unit + 1)]

@@ -230,30 +230,57 @@ class ModelConfig:
     # what matmuls and the activations between pipeline stages run in; parameters, optimizer
     # state, softmax and losses stay float32 either way
     compute_dtype: str = "float32"
+    # configs of module types registered with dip_jax.specs.register: ((name, config), ...)
+    extra_modules: tuple = ()
 
     def check(self) -> None:
+        from dip_jax import specs
         for name in MODULES:
             sub = getattr(self, name)
             if sub is not None:
                 sub.check(f"model.{name}")
         _require(self.llm is not None, "model.llm", "the llm backbone is required")
+        seen = set()
+        for entry in self.extra_modules:
+            _require(isinstance(entry, tuple) and len(entry) == 2, "model.extra_modules",
+                     f"entries are (name, config) pairs, got {entry!r}")
+            name, sub = entry
+            _require(name not in MODULES and name not in seen, "model.extra_modules", f"module {name!r} given twice")
+            seen.add(name)
+            _require(name in specs.registered(), "model.extra_modules",
+                     f"no module spec {name!r} is registered (dip_jax.specs.register)")
+            _require(specs.get(name).role == specs.ENCODER, f"model.extra_modules.{name}",
+                     "only encoders can be added (the model has one backbone and at most one generator)")
+            if hasattr(sub, "check"):
+                sub.check(f"model.extra_modules.{name}")
         _require(self.dit_loss_weight >= 0, "model.dit_loss_weight", "must be >= 0")
         _require(self.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype",
                  f"unknown dtype {self.compute_dtype!r}; choose float32 or bfloat16")
 
     @property
     def modules(self) -> tuple[str, ...]:
-        """Present modules in graph order: encoders -> llm -> dit."""
-        return tuple(m for m in MODULES if getattr(self, m) is not None)
+        """Present modules in graph order: encoders (built-in, then extra) -> llm -> dit."""
+        from dip_jax import specs
+        names = [m for m in MODULES if getattr(self, m) is not None] + [n for n, _ in self.extra_modules]
+        return specs.graph_order(names)
+
+    def module(self, name: str):
+        """The config of module `name` (built-in field or extra module)."""
+        if name in MODULES:
+            return getattr(self, name)
+        for n, sub in self.extra_modules:
+            if n == name:
+                return sub
+        raise KeyError(f"model has no module {name!r}")
+
+    def with_modules(self, subs: dict) -> "ModelConfig":
+        """A copy with the configs of the modules in `subs` replaced."""
+        extra = tuple((n, subs.get(n, c)) for n, c in self.extra_modules)
+        return dataclasses.replace(self, extra_modules=extra, **{k: v for k, v in subs.items() if k in MODULES})
 
     def module_param_count(self, name: str) -> int:
-        d = self.llm.dim
-        return {
-            "vision": lambda: self.vision.param_count(d),
-            "audio": lambda: self.audio.param_count(d),
-            "llm": lambda: self.llm.param_count(),
-            "dit": lambda: self.dit.param_count(d),
-        }[name]()
+        from dip_jax import specs
+        return specs.get(name).param_count(self.module(name), self.llm.dim)
 
     def param_count(self) -> int:
         return sum(self.module_param_count(m) for m in self.modules)
@@ -429,7 +456,7 @@ class TrainConfig:
         _require(d.microbatches % self.mesh.data == 0, "data.microbatches",
                  f"{d.microbatches} microbatches cannot be split over mesh.data={self.mesh.data} replicas")
         for name in m.modules:
-            layers = getattr(m, name).layers
+            layers = m.module(name).layers
             _require(layers >= self.mesh.pipe, f"model.{name}.layers",
                      f"{name} has {layers} layers, fewer than mesh.pipe={self.mesh.pipe} pipeline ranks")
         for name in self.optim.frozen:
@@ -456,7 +483,7 @@ class TrainConfig:
         if tp == 1:
             return
         for name in self.model.modules:
-            sub = getattr(self.model, name)
+            sub = self.model.module(name)
             for field in ("heads", "kv_heads", "mlp_hidden") + (("vocab_size",) if name == "llm" else ()):
                 v = getattr(sub, field)
                 _require(v % tp == 0, f"model.{name}.{field}",

@@ -14,7 +14,8 @@ from typing import Sequence
 import numpy as np
 
 from dip_jax.config import TrainConfig
-from dip_jax.data.metadata import AUD, IMG, PAD, Sample, SampleMeta
+from dip_jax import specs
+from dip_jax.data.metadata import PAD, Sample, SampleMeta
 
 
 @dataclasses.dataclass
@@ -23,12 +24,6 @@ class Batch:
     metadata: tuple[tuple[SampleMeta, ...], ...]   # per microbatch, per sample
     index: int = 0                                 # position in the stream
     oversize: tuple[int, int] = (0, 0)             # samples (truncated, skipped) by data.oversize
-
-
-def noise_for(seed: int, sample_id: int, clip: int, shape) -> tuple[np.ndarray, np.float32]:
-    """Diffusion noise and timestep of one clip, a function of its global id only."""
-    rng = np.random.default_rng([seed, 0xD17, sample_id, clip])
-    return rng.standard_normal(shape).astype(np.float32), np.float32(rng.uniform(0.0, 1.0))
 
 
 def collate(microbatches: Sequence[Sequence[Sample]], cfg: TrainConfig, seed: int) -> dict[str, np.ndarray]:
@@ -41,25 +36,21 @@ def collate(microbatches: Sequence[Sequence[Sample]], cfg: TrainConfig, seed: in
         "segment_ids": np.zeros((M, S), np.int32),
         "positions": np.zeros((M, S), np.int32),
     }
-    if m.vision is not None:
-        v = m.vision
-        a["images"] = np.zeros((M, d.max_images, v.image_size, v.image_size, v.channels), np.float32)
-        a["image_pos"] = np.full((M, d.max_images, v.tokens_per_image), S, np.int32)
-    if m.audio is not None:
-        au = m.audio
-        a["audio"] = np.zeros((M, d.max_audio_clips, au.frames_per_clip, au.mel_bins), np.float32)
-        a["audio_pos"] = np.full((M, d.max_audio_clips, au.tokens_per_clip), S, np.int32)
-    if m.dit is not None:
-        dt, nv = m.dit, d.max_video_clips
-        a["latents"] = np.zeros((M, nv, dt.tokens_per_clip, dt.latent_channels), np.float32)
-        a["noise"] = np.zeros_like(a["latents"])
-        a["t"] = np.zeros((M, nv), np.float32)
-        a["cond_idx"] = np.zeros((M, nv, dt.cond_tokens), np.int32)
-        a["cond_mask"] = np.zeros((M, nv, dt.cond_tokens), bool)
-        a["video_valid"] = np.zeros((M, nv), np.float32)
-    n_clips = 0
+    encoders, others = [], []
+    for name in m.modules:
+        spec, sub = specs.get(name), m.module(name)
+        if spec.encoder_items is not None:
+            e = spec.encoder_items
+            n = spec.capacity(d)
+            a[e.input_key] = np.zeros((M, n, *e.item_shape(sub)), np.float32)
+            a[e.positions_key] = np.full((M, n, spec.tokens_per_item(sub)), S, np.int32)
+            encoders.append(e)
+        elif spec.collate is not None:
+            a.update(spec.collate.init(m, d, M, S))
+            others.append(spec.collate)
     for i, mb in enumerate(microbatches):
-        off, ni, na, nv = 0, 0, 0, 0
+        off = 0
+        used = [0] * (len(encoders) + len(others))
         for seg, s in enumerate(mb, start=1):
             L = len(s)
             if off + L > S:
@@ -70,22 +61,16 @@ def collate(microbatches: Sequence[Sequence[Sample]], cfg: TrainConfig, seed: in
             a["loss_mask"][i, off:off + L - 1] = s.labels[1:]
             a["segment_ids"][i, sl] = seg
             a["positions"][i, sl] = np.arange(L)
-            ni = _place(a, "images", "image_pos", i, ni, s.images, off + np.flatnonzero(s.tokens == IMG))
-            na = _place(a, "audio", "audio_pos", i, na, s.audio, off + np.flatnonzero(s.tokens == AUD))
-            if s.video is not None and len(s.video):
-                lc = m.dit.cond_tokens
-                cap = off + s.caption[:lc]
-                for c, lat in enumerate(s.video):
-                    a["latents"][i, nv] = lat
-                    a["noise"][i, nv], a["t"][i, nv] = noise_for(seed, s.sample_id, c, lat.shape)
-                    a["cond_idx"][i, nv, :len(cap)] = cap
-                    a["cond_mask"][i, nv, :len(cap)] = True
-                    a["video_valid"][i, nv] = 1.0
-                    nv += 1
-                n_clips += len(s.video)
+            for k, e in enumerate(encoders):
+                items = getattr(s, e.sample_field) if hasattr(s, e.sample_field) else s.extra.get(e.sample_field)
+                used[k] = _place(a, e.input_key, e.positions_key, i, used[k], items,
+                                 off + np.flatnonzero(s.tokens == e.placeholder))
+            for k, c in enumerate(others, start=len(encoders)):
+                used[k] = c.place(a, i, used[k], s, off, seed, m)
             off += L
     a["n_tokens"] = np.float32(max(1.0, a["loss_mask"].sum()))
-    a["n_clips"] = np.float32(max(1, n_clips))
+    for c in others:
+        c.finish(a)
     return a
 
 

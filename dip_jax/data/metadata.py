@@ -16,15 +16,28 @@ N_ORDINALS = 16
 WORD0 = 32            # first free text token
 
 
+BUILTIN_KEYS = ("text_tokens", "images", "audio_seconds", "video_seconds")
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleMeta:
     text_tokens: int = 0
     images: int = 0
     audio_seconds: float = 0.0
     video_seconds: float = 0.0
+    # counts of module types registered beyond the built-in ones: ((metadata key, value), ...)
+    extra: tuple[tuple[str, float], ...] = ()
+
+    def get(self, key: str, default=0):
+        """A built-in field or an `extra` count."""
+        if key in BUILTIN_KEYS:
+            return getattr(self, key)
+        return dict(self.extra).get(key, default)
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        d = {k: getattr(self, k) for k in BUILTIN_KEYS}
+        d.update(self.extra)
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "SampleMeta":
@@ -32,7 +45,9 @@ class SampleMeta:
         silently coerced "3" or 2.5 images would plan a batch that is not the data."""
         if not isinstance(d, dict):
             raise ValueError(f"expected a JSON object, got {type(d).__name__}")
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        from dip_jax import specs
+        extra_keys = specs.metadata_keys()
+        unknown = set(d) - set(BUILTIN_KEYS) - set(extra_keys)
         if unknown:
             raise ValueError(f"unknown key {sorted(unknown)[0]!r}")
         for key in ("text_tokens", "images"):
@@ -43,8 +58,15 @@ class SampleMeta:
             v = d.get(key, 0.0)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"key {key!r}: expected a non-negative finite number of seconds, got {v!r}")
+        extra = []
+        for key in extra_keys:
+            if key in d:
+                v = d[key]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                    raise ValueError(f"key {key!r}: expected a non-negative finite number, got {v!r}")
+                extra.append((key, v))
         return cls(d.get("text_tokens", 0), d.get("images", 0), float(d.get("audio_seconds", 0.0)),
-                   float(d.get("video_seconds", 0.0)))
+                   float(d.get("video_seconds", 0.0)), tuple(extra))
 
 
 def read_metadata_jsonl(path) -> Iterator[SampleMeta]:
@@ -75,6 +97,7 @@ class Sample:
     audio: np.ndarray | None = None    # [clips, frames, mel]
     video: np.ndarray | None = None    # [clips, tokens, channels] latents
     caption: np.ndarray | None = None  # int32 indices into tokens
+    extra: dict = dataclasses.field(default_factory=dict)   # inputs of extra module types, by field name
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])

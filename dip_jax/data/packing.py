@@ -6,11 +6,11 @@ the samples those lines describe.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Sequence
 
 from dip_jax.config import TrainConfig
 from dip_jax.data.metadata import SampleMeta
+from dip_jax.specs import clips
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,10 +25,18 @@ class Budget:
     tokens_per_audio_clip: int
     audio_clip_seconds: float
     video_clip_seconds: float
+    # extra encoders: (name, item slots, sequence tokens per item, SampleMeta -> items)
+    extra: tuple = ()
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> "Budget":
+        from dip_jax import specs
         m, d = cfg.model, cfg.data
+        extra = []
+        for name, sub in m.extra_modules:
+            spec = specs.get(name)
+            extra.append((name, spec.capacity(d), spec.tokens_per_item(sub),
+                          lambda meta, spec=spec, sub=sub: spec.items(meta, sub)))
         return cls(
             seq_len=d.seq_len,
             max_images=d.max_images if m.vision is not None else 0,
@@ -38,23 +46,29 @@ class Budget:
             tokens_per_audio_clip=m.audio.tokens_per_clip if m.audio is not None else 0,
             audio_clip_seconds=m.audio.clip_seconds if m.audio is not None else 1.0,
             video_clip_seconds=m.dit.clip_seconds if m.dit is not None else 1.0,
+            extra=tuple(extra),
         )
 
     def audio_clips(self, meta: SampleMeta) -> int:
-        return math.ceil(meta.audio_seconds / self.audio_clip_seconds - 1e-9) if meta.audio_seconds > 0 else 0
+        return clips(meta.audio_seconds, self.audio_clip_seconds)
 
     def video_clips(self, meta: SampleMeta) -> int:
-        return math.ceil(meta.video_seconds / self.video_clip_seconds - 1e-9) if meta.video_seconds > 0 else 0
+        return clips(meta.video_seconds, self.video_clip_seconds)
 
-    def usage(self, meta: SampleMeta) -> tuple[int, int, int, int]:
-        """(sequence tokens, images, audio clips, video clips) a sample occupies."""
-        a = self.audio_clips(meta)
-        return (meta.text_tokens + meta.images * self.tokens_per_image + a * self.tokens_per_audio_clip,
-                meta.images, a, self.video_clips(meta))
+    def extra_items(self, meta: SampleMeta) -> tuple[int, ...]:
+        return tuple(items(meta) for _, _, _, items in self.extra)
+
+    def usage(self, meta: SampleMeta) -> tuple[int, ...]:
+        """(sequence tokens, images, audio clips, video clips, extra encoders' items...) a sample occupies."""
+        a, x = self.audio_clips(meta), self.extra_items(meta)
+        tokens = meta.text_tokens + meta.images * self.tokens_per_image + a * self.tokens_per_audio_clip
+        tokens += sum(n * t for n, (_, _, t, _) in zip(x, self.extra))
+        return (tokens, meta.images, a, self.video_clips(meta), *x)
 
     @property
-    def capacity(self) -> tuple[int, int, int, int]:
-        return self.seq_len, self.max_images, self.max_audio_clips, self.max_video_clips
+    def capacity(self) -> tuple[int, ...]:
+        return (self.seq_len, self.max_images, self.max_audio_clips, self.max_video_clips,
+                *(c for _, c, _, _ in self.extra))
 
     def fits_alone(self, meta: SampleMeta) -> bool:
         return all(u <= c for u, c in zip(self.usage(meta), self.capacity))
@@ -70,7 +84,7 @@ def pack_greedy(metas: Sequence[SampleMeta], budget: Budget, microbatches: int |
     """
     out: list[list[int]] = []
     cur: list[int] = []
-    used = [0, 0, 0, 0]
+    used = [0] * len(budget.capacity)
     for i, meta in enumerate(metas):
         if not budget.fits_alone(meta):
             raise ValueError(f"sample {i} ({meta}) does not fit in one microbatch {budget.capacity}")
@@ -79,7 +93,7 @@ def pack_greedy(metas: Sequence[SampleMeta], budget: Budget, microbatches: int |
             out.append(cur)
             if microbatches is not None and len(out) == microbatches:
                 return out, i
-            cur, used = [], [0, 0, 0, 0]
+            cur, used = [], [0] * len(budget.capacity)
         cur.append(i)
         used = [a + b for a, b in zip(used, u)]
     if cur:

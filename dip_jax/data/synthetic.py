@@ -42,7 +42,7 @@ class SyntheticSamples:
             self.video_proto = proto(t.tokens_per_clip, t.latent_channels) if t is not None else None
         kinds = [("caption", d.mix_caption if b.max_images else 0.0),
                  ("interleaved", d.mix_interleaved if b.max_images else 0.0),
-                 ("audio", d.mix_audio if b.max_audio_clips else 0.0),
+                 ("speech", d.mix_audio if b.max_audio_clips else 0.0),
                  ("video", d.mix_video if b.max_video_clips else 0.0)]
         self.kinds = [k for k, _ in kinds]
         w = np.array([x for _, x in kinds], float)
@@ -73,7 +73,7 @@ class SyntheticSamples:
             pieces += [("img", 1), ("text", max(1, min(n, room // n_img)))]
         return pieces, 0.0
 
-    def _audio(self, rng):
+    def _speech(self, rng):
         d, b = self.cfg.data, self.budget
         max_clips = max(1, min(b.max_audio_clips, (b.seq_len - 8) // max(1, b.tokens_per_audio_clip)))
         seconds = float(np.round(rng.uniform(0.2, min(d.audio_seconds_max, max_clips * b.audio_clip_seconds)), 2))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dip_jax.config import BASELINES  # noqa: F401  (the one list of scheduler names lives in config)
 from dip_jax.plan.interleave import Policy, default_priority, interleave
-from dip_jax.plan.schedule import B, ENCODERS, F, Graph, Op, Plan
+from dip_jax.plan.schedule import B, F, Graph, Op, Plan
 from dip_jax.plan.simulate import Costs
 
 
@@ -64,7 +64,7 @@ def baseline_policy(name: str, graph: Graph) -> Policy:
         pos = {m.name: i for i, m in enumerate(graph.modules)}
 
         def enc_first(op: Op):
-            enc = op.module in ENCODERS
+            enc = op.module in graph.encoders
             if op.kind == F:
                 return (0 if enc else 1, op.mb, pos[op.module], op.sub, op.chunk)
             return (1 if enc else 0, op.mb, pos[op.module], op.sub, -op.chunk)

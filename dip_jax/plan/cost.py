@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from dip_jax import specs
 from dip_jax.config import ModelConfig, attention_params, swiglu_params
 from dip_jax.plan.hardware import Hardware
 
@@ -55,46 +56,38 @@ class CostModel:
 
     # -- shapes --------------------------------------------------------------------------
     def tokens_per_unit(self, module: str) -> int:
-        m = self.model
-        return {"vision": lambda: m.vision.patches, "audio": lambda: m.audio.tokens_per_clip,
-                "llm": lambda: self.seq_len, "dit": lambda: m.dit.tokens_per_clip}[module]()
+        return specs.get(module).layer_tokens(self.model.module(module), self.seq_len)
 
     def boundary_bytes(self, module: str, units: int) -> float:
         """Activation sent between consecutive chunks (and kept per chunk under recompute)."""
-        cfg = getattr(self.model, module)
-        width = cfg.dim + (self.model.dit.cond_tokens * cfg.dim / cfg.tokens_per_clip if module == "dit" else 0)
+        width = specs.get(module).carry_width(self.model.module(module))
         return self.bytes * units * self.tokens_per_unit(module) * width
 
     # -- work ----------------------------------------------------------------------------
     @functools.lru_cache(maxsize=None)
     def layer_work(self, module: str, units: int) -> Work:
-        cfg = getattr(self.model, module)
+        spec, cfg = specs.get(module), self.model.module(module)
         n = self.tokens_per_unit(module)
         attn = attention_params(cfg.dim, cfg.heads, cfg.kv_heads)
         mm = attn + swiglu_params(cfg.dim, cfg.mlp_hidden)
         adim = cfg.heads * cfg.head_dim
-        if module == "dit":
-            lc = self.model.dit.cond_tokens
-            w = _block(n, n, cfg.dim, adim, mm + attn + 6 * cfg.dim * cfg.dim, False, self.bytes,
-                       extra_kv_tokens=lc)
-        else:
-            w = _block(n, n, cfg.dim, adim, mm, module == "llm", self.bytes)
+        w = _block(n, n, cfg.dim, adim, mm + spec.layer_extra_params(cfg), spec.causal, self.bytes,
+                   extra_kv_tokens=spec.cross_tokens(cfg))
         return Work(*(units * x if i != 2 else units * (x - self.bytes * mm) + self.bytes * mm
                       for i, x in enumerate(dataclasses.astuple(w))))
 
     @functools.lru_cache(maxsize=None)
     def extra_work(self, module: str, units: int, first: bool, last: bool) -> Work:
         """Embedding / patchify work on the first chunk, head / projector / loss on the last."""
-        m = self.model
-        cfg = getattr(m, module)
+        spec, cfg, d = specs.get(module), self.model.module(module), self.model.llm.dim
         n = units * self.tokens_per_unit(module)
         w = Work()
         if first:
-            p = cfg.embed_params(m.llm.dim) if module == "dit" else cfg.embed_params()
-            w += Work(matmul_flops=2.0 * n * p if module != "llm" else 0.0, bytes=self.bytes * (p + 2 * n * cfg.dim))
+            p = spec.embed_params(cfg, d)
+            w += Work(matmul_flops=2.0 * n * p if spec.embed_is_matmul else 0.0, bytes=self.bytes * (p + 2 * n * cfg.dim))
         if last:
-            p = cfg.head_params(m.llm.dim) if module in ("vision", "audio") else cfg.head_params()
-            out = n // (cfg.spatial_merge ** 2) if module == "vision" else n
+            p = spec.head_params(cfg, d)
+            out = spec.head_tokens(cfg, n)
             w += Work(matmul_flops=2.0 * out * p, bytes=self.bytes * (p + 2 * n * cfg.dim))
         return w
 
@@ -132,7 +125,7 @@ class CostModel:
         """What a lock-step tick costs beyond its busiest rank's ops (its sends)."""
         if self.calibration is not None:
             return self.calibration.tick()
-        return self.p2p_seconds("llm", 1)
+        return self.p2p_seconds(specs.with_role(self.model, specs.BACKBONE), 1)
 
     def step_seconds(self) -> float:
         """What a step costs beyond its ticks (measured only: 0 without a calibration)."""

@@ -13,6 +13,7 @@ import itertools
 import math
 from typing import Callable
 
+from dip_jax import specs
 from dip_jax.config import ModelConfig
 from dip_jax.plan.cost import CostModel
 from dip_jax.plan.schedule import F, Graph, ModuleChunks, Op
@@ -34,7 +35,7 @@ def backward_modules(model: ModelConfig, frozen: tuple[str, ...]) -> dict[str, b
     """A module needs backward ops if it or anything upstream of it trains."""
     out, upstream_trains = {}, False
     for name in model.modules:
-        if name in ("vision", "audio"):
+        if specs.get(name).role == specs.ENCODER:
             out[name] = name not in frozen
         else:
             out[name] = name not in frozen or upstream_trains
@@ -43,20 +44,20 @@ def backward_modules(model: ModelConfig, frozen: tuple[str, ...]) -> dict[str, b
 
 
 def module_layers(model: ModelConfig, name: str) -> int:
-    return getattr(model, name).layers
+    return model.module(name).layers
 
 
 def layer_params(model: ModelConfig, name: str) -> int:
-    return getattr(model, name).block_params()
+    return model.module(name).block_params()
 
 
 def extra_params(model: ModelConfig, name: str, first: bool, last: bool) -> int:
-    cfg, d = getattr(model, name), model.llm.dim
+    spec, cfg, d = specs.get(name), model.module(name), model.llm.dim
     p = 0
     if first:
-        p += cfg.embed_params(d) if name == "dit" else cfg.embed_params()
+        p += spec.embed_params(cfg, d)
     if last:
-        p += cfg.head_params(d) if name in ("vision", "audio") else cfg.head_params()
+        p += spec.head_params(cfg, d)
     return p
 
 
@@ -114,7 +115,7 @@ def dip_partition(model: ModelConfig, cost: CostModel, P: int, max_items: dict[s
     bwd = backward_modules(model, frozen)
     unit, T = {}, {}
     for name in model.modules:
-        if name == "llm":
+        if specs.get(name).role == specs.BACKBONE:
             unit[name] = 1
         else:
             cand = range(1, max(1, max_items.get(name, 1)) + 1)
@@ -143,7 +144,8 @@ def dip_partition(model: ModelConfig, cost: CostModel, P: int, max_items: dict[s
 
     def build(ks):
         return ModalityPartition(P, tuple(
-            ModuleChunks(name, P * K, split_layers(module_layers(model, name), P * K), bwd[name], unit[name])
+            ModuleChunks(name, P * K, split_layers(module_layers(model, name), P * K), bwd[name], unit[name],
+                         specs.get(name).role)
             for name, K in zip(model.modules, ks)))
 
     candidates = [build(ks) for ks in shortlist]

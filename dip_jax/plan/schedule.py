@@ -2,9 +2,10 @@
 
 A module with `chunks` chunks places chunk c on rank c % P. Sub-microbatch `sub` of module
 `module` in microbatch `mb` runs forward through chunks 0..chunks-1 and backward in reverse.
-Across modules: every encoder forward of microbatch m precedes the llm forward of m; the llm's
-last forward precedes each dit sub-microbatch's forward; backward mirrors this. A partition
-made of "mixed" chunks (layers of several modules, Megatron-style) is one module named "mixed".
+Across modules, by role (dip_jax.specs): every encoder forward of microbatch m precedes the
+backbone's forward of m; the backbone's last forward precedes each generator sub-microbatch's
+forward; backward mirrors this. A partition made of "mixed" chunks (layers of several modules,
+Megatron-style) is one module named "mixed" with no role.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import dataclasses
 import json
 from typing import Iterable
 
-ENCODERS = ("vision", "audio")
 F, B = "F", "B"
+ENCODER, BACKBONE, GENERATOR = "encoder", "backbone", "generator"     # as in dip_jax.specs
 
 
 class ScheduleError(ValueError):
@@ -41,6 +42,12 @@ class ModuleChunks:
     layers: tuple[int, ...]          # layers per chunk (a mixed chunk: total layers)
     backward: bool = True            # False for frozen leading modules
     unit: int = 1                    # sub-microbatch size B_i (items per sub-microbatch)
+    role: str = ""                   # encoder / backbone / generator; by default the registered spec's
+
+    def __post_init__(self):
+        if not self.role:
+            from dip_jax.specs import role_of      # pure Python: the IR still imports no planner
+            object.__setattr__(self, "role", role_of(self.name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +61,10 @@ class Graph:
 
     def __post_init__(self):
         object.__setattr__(self, "_index", {m.name: i for i, m in enumerate(self.modules)})
+        object.__setattr__(self, "encoders", tuple(m.name for m in self.modules if m.role == ENCODER))
+        one = lambda role: next((m.name for m in self.modules if m.role == role), None)
+        object.__setattr__(self, "backbone", one(BACKBONE))
+        object.__setattr__(self, "generator", one(GENERATOR))
 
     @property
     def microbatches(self) -> int:
@@ -79,28 +90,26 @@ class Graph:
                             out.append(Op(B, m.name, c, mb, sub))
         return out
 
-    def _has(self, name: str) -> bool:
-        return name in self._index
-
     def preds(self, op: Op) -> list[Op]:
         m = self.module(op.module)
         last = m.chunks - 1
+        bb, gen = self.backbone, self.generator
         if op.kind == F:
             if op.chunk > 0:
                 return [Op(F, op.module, op.chunk - 1, op.mb, op.sub)]
-            if op.module == "llm":
-                return [Op(F, e, self.module(e).chunks - 1, op.mb, s) for e in ENCODERS if self._has(e)
+            if m.role == BACKBONE:
+                return [Op(F, e, self.module(e).chunks - 1, op.mb, s) for e in self.encoders
                         for s in range(self.n_subs(e, op.mb))]
-            if op.module == "dit" and self._has("llm"):
-                return [Op(F, "llm", self.module("llm").chunks - 1, op.mb, 0)]
+            if m.role == GENERATOR and bb is not None:
+                return [Op(F, bb, self.module(bb).chunks - 1, op.mb, 0)]
             return []
         if op.chunk < last:
             return [Op(B, op.module, op.chunk + 1, op.mb, op.sub)]
         out = [Op(F, op.module, last, op.mb, op.sub)]
-        if op.module == "llm" and self._has("dit") and self.module("dit").backward:
-            out += [Op(B, "dit", 0, op.mb, s) for s in range(self.n_subs("dit", op.mb))]
-        if op.module in ENCODERS and self._has("llm") and self.module("llm").backward:
-            out.append(Op(B, "llm", 0, op.mb, 0))
+        if m.role == BACKBONE and gen is not None and self.module(gen).backward:
+            out += [Op(B, gen, 0, op.mb, s) for s in range(self.n_subs(gen, op.mb))]
+        if m.role == ENCODER and bb is not None and self.module(bb).backward:
+            out.append(Op(B, bb, 0, op.mb, 0))
         return out
 
     def to_json(self) -> dict:
@@ -109,7 +118,8 @@ class Graph:
 
     @classmethod
     def from_json(cls, d: dict) -> "Graph":
-        mods = tuple(ModuleChunks(m["name"], m["chunks"], tuple(m["layers"]), m["backward"], m["unit"])
+        """Plans written before modules carried their role get it from the spec registry."""
+        mods = tuple(ModuleChunks(m["name"], m["chunks"], tuple(m["layers"]), m["backward"], m["unit"], m.get("role", ""))
                      for m in d["modules"])
         return cls(d["P"], mods, tuple(tuple(s) for s in d["subs"]))
 

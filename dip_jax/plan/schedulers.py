@@ -11,7 +11,7 @@ import dataclasses
 import time
 from typing import Sequence
 
-from dip_jax import config
+from dip_jax import config, specs
 from dip_jax.config import TrainConfig
 from dip_jax.data.metadata import SampleMeta
 from dip_jax.plan import hardware
@@ -60,7 +60,7 @@ class PlanContext:
         self.hw, calibration = hardware.resolve(hw_profile or cfg.pipeline.hardware)
         self.cost = CostModel(cfg.model, self.hw, cfg.mesh.tensor, cfg.data.seq_len, calibration)
         d = cfg.data
-        max_items = {"vision": d.max_images, "audio": d.max_audio_clips, "dit": d.max_video_clips}
+        max_items = specs.max_items(cfg.model, d)
         self.memory_cap = cfg.pipeline.memory_cap_gb * 1e9
         self.partition: ModalityPartition = partition or dip_partition(
             cfg.model, self.cost, cfg.mesh.pipe, max_items, cfg.optim.frozen, probe=self._probe())

@@ -4,9 +4,9 @@ Ticks come from the lock-step simulation (at most one forward and one backward o
 tick, inputs produced in an earlier tick). Buffer slots come from interval colouring: a stash
 slot holds a chunk's input from the end of the tick it arrives in until the backward that
 reads it; a cotangent slot holds an arriving cotangent until its backward; boundary slots hold a
-microbatch's encoder outputs (rank 0, until the llm's first-chunk backward), the llm's
-cotangents for them (rank P-1), the llm states the dit conditions on (rank 0) and the dit's
-accumulated cotangent for them (rank P-1). Every channel delivers something every tick; what is
+microbatch's encoder outputs (rank 0, until the backbone's first-chunk backward), the
+backbone's cotangents for them (rank P-1), the backbone states the generator conditions on
+(rank 0) and the generator's accumulated cotangent for them (rank P-1). Every channel delivers something every tick; what is
 not due lands in the trash slot (the last one). Validation here is the only bounds check: the
 device code clamps indices silently.
 """
@@ -18,7 +18,7 @@ import heapq
 import numpy as np
 
 from dip_jax.plan.indexed import Indexed
-from dip_jax.plan.schedule import B, ENCODERS, F, Op, Plan
+from dip_jax.plan.schedule import B, BACKBONE, ENCODER, F, GENERATOR, Op, Plan
 from dip_jax.plan.validate import validate
 from dip_jax.plan.simulate import Costs, run
 
@@ -47,8 +47,9 @@ class Signature:
     stash_slots: tuple[int, ...]
     cot_slots: tuple[int, ...]
     boundary_slots: int          # encoder outputs and their cotangents, per microbatch
-    cond_slots: int              # llm states for the dit and their cotangents, per microbatch
+    cond_slots: int              # backbone states for the generator and their cotangents, per microbatch
     t_max: int
+    roles: tuple[str, ...] = ()
 
     def recv_columns(self) -> dict[str, int]:
         """Column of each receive address in recv[t, rank, :]."""
@@ -60,14 +61,25 @@ class Signature:
             cols[f"bnd:{e}"] = len(cols)
             cols[f"bnd_sub:{e}"] = len(cols)
             cols[f"bcot:{e}"] = len(cols)
-        if "dit" in self.modules:
+        if self.generator is not None:
             cols["cond"] = len(cols)
             cols["hcot"] = len(cols)
         return cols
 
+    def _with(self, role: str) -> tuple[str, ...]:
+        return tuple(m for m, r in zip(self.modules, self.roles) if r == role)
+
     @property
     def encoders(self) -> tuple[str, ...]:
-        return tuple(m for m in self.modules if m in ENCODERS)
+        return self._with(ENCODER)
+
+    @property
+    def backbone(self) -> str | None:
+        return next(iter(self._with(BACKBONE)), None)
+
+    @property
+    def generator(self) -> str | None:
+        return next(iter(self._with(GENERATOR)), None)
 
 
 @dataclasses.dataclass
@@ -140,28 +152,27 @@ def _allocate(plan: Plan, tick: dict[Op, int]):
                     c_iv.append((tick[Op(B, op.module, op.chunk + 1, op.mb, op.sub)], t, op))
             stash[(m.name, r)] = colour(s_iv)
             cot[(m.name, r)] = colour(c_iv)
-    has = set(mods)
-    enc = [e for e in mods if e in ENCODERS]
+    enc, bb, gen = g.encoders, g.backbone, g.generator
     bnd_iv, bcot_iv, cond_iv, hcot_iv = [], [], [], []
-    if "llm" in has:
-        llm = g.module("llm")
-        last_llm = llm.chunks - 1
+    if bb is not None:
+        back = g.module(bb)
+        last_bb = back.chunks - 1
         for mb in range(g.microbatches):
             outs = [tick[Op(F, e, g.module(e).chunks - 1, mb, u)] for e in enc for u in range(g.n_subs(e, mb))]
             if outs:
-                use = tick[Op(B, "llm", 0, mb)] if llm.backward else tick[Op(F, "llm", 0, mb)]
+                use = tick[Op(B, bb, 0, mb)] if back.backward else tick[Op(F, bb, 0, mb)]
                 bnd_iv.append((min(outs), use, mb))
                 reads = [tick[Op(B, e, g.module(e).chunks - 1, mb, u)] for e in enc if g.module(e).backward
                          for u in range(g.n_subs(e, mb))]
-                if reads and llm.backward:
-                    bcot_iv.append((tick[Op(B, "llm", 0, mb)], max(reads), mb))
-            if "dit" in has and g.n_subs("dit", mb):
-                dit = g.module("dit")
-                subs = range(g.n_subs("dit", mb))
-                uses = [tick[Op(B if dit.backward else F, "dit", 0, mb, u)] for u in subs]
-                cond_iv.append((tick[Op(F, "llm", last_llm, mb)], max(uses), mb))
-                if dit.backward and llm.backward:
-                    hcot_iv.append((max(uses), tick[Op(B, "llm", last_llm, mb)], mb))
+                if reads and back.backward:
+                    bcot_iv.append((tick[Op(B, bb, 0, mb)], max(reads), mb))
+            if gen is not None and g.n_subs(gen, mb):
+                gm = g.module(gen)
+                subs = range(g.n_subs(gen, mb))
+                uses = [tick[Op(B if gm.backward else F, gen, 0, mb, u)] for u in subs]
+                cond_iv.append((tick[Op(F, bb, last_bb, mb)], max(uses), mb))
+                if gm.backward and back.backward:
+                    hcot_iv.append((max(uses), tick[Op(B, bb, last_bb, mb)], mb))
     bnd, bcot = colour(bnd_iv), colour(bcot_iv)
     cond, hcot = colour(cond_iv), colour(hcot_iv)
     need = {"stash": {m: max(stash[(m, r)][1] for r in range(P)) for m in mods},
@@ -193,53 +204,54 @@ def lower(plan: Plan, buckets: dict | None = None) -> Table:
         if have < want:
             raise ValueError(f"table: the plan needs {want} {what}, the bucket holds {have}")
     sig = Signature(P, mods, tuple(m.chunks // P for m in g.modules), tuple(m.unit for m in g.modules),
-                    tuple(m.backward for m in g.modules), sb, cb, nb, nc, T)
+                    tuple(m.backward for m in g.modules), sb, cb, nb, nc, T, tuple(m.role for m in g.modules))
     cols = sig.recv_columns()
     k_of = {m: i for i, m in enumerate(mods)}
     ops, recv = idle(sig)
-    first_dit_b, last_dit_b = {}, {}      # per microbatch: its dit sub-microbatches' first/last backward
-    if "dit" in mods and g.module("dit").backward:
+    first_gen_b, last_gen_b = {}, {}      # per microbatch: its generator sub-microbatches' first/last backward
+    gen = g.generator
+    if gen is not None and g.module(gen).backward:
         for mb in range(g.microbatches):
-            subs = [Op(B, "dit", 0, mb, u) for u in range(g.n_subs("dit", mb))]
+            subs = [Op(B, gen, 0, mb, u) for u in range(g.n_subs(gen, mb))]
             if subs:
-                first_dit_b[mb] = min(subs, key=lambda o: tick[o])
-                last_dit_b[mb] = max(subs, key=lambda o: tick[o])
+                first_gen_b[mb] = min(subs, key=lambda o: tick[o])
+                last_gen_b[mb] = max(subs, key=lambda o: tick[o])
     for op, t in tick.items():
         r, k, m = g.rank(op), k_of[op.module], g.module(op.module)
         v = op.chunk // P
         first, last = op.chunk == 0, op.chunk == m.chunks - 1
         s_slot = stash[(op.module, r)][0].get(Op(F, op.module, op.chunk, op.mb, op.sub), sb[k])
         aux = 0
-        if op.module == "llm" and first:
+        if m.role == BACKBONE and first:
             aux = bnd.get(op.mb, nb)
-        elif op.module == "llm" and last and op.kind == B:
+        elif m.role == BACKBONE and last and op.kind == B:
             aux = hcot.get(op.mb, nc)
-        elif op.module == "dit" and first:
+        elif m.role == GENERATOR and first:
             aux = cond[op.mb]
-        elif op.module in ENCODERS and last and op.kind == B:
+        elif m.role == ENCODER and last and op.kind == B:
             aux = bcot[op.mb]
         if op.kind == F:
             ops[t, r, F_ON:F_AUX + 1] = (1, k, v, op.mb, op.sub, s_slot, aux)
             if not last:
                 recv[t, (r + 1) % P, cols[f"f:{op.module}"]] = stash[(op.module, (r + 1) % P)][0][
                     Op(F, op.module, op.chunk + 1, op.mb, op.sub)]
-            elif op.module in ENCODERS:
+            elif m.role == ENCODER:
                 recv[t, (r + 1) % P, cols[f"bnd:{op.module}"]] = bnd[op.mb]
                 recv[t, (r + 1) % P, cols[f"bnd_sub:{op.module}"]] = op.sub
-            elif op.module == "llm" and op.mb in cond:
+            elif m.role == BACKBONE and op.mb in cond:
                 recv[t, (r + 1) % P, cols["cond"]] = cond[op.mb]
         else:
             c_slot = cot[(op.module, r)][0].get(op, cb[k])
             ops[t, r, B_ON:B_FIRST + 1] = (1, k, v, op.mb, op.sub, s_slot, c_slot, aux,
-                                           int(first_dit_b.get(op.mb) == op))
+                                           int(first_gen_b.get(op.mb) == op))
             if not first:
                 recv[t, (r - 1) % P, cols[f"b:{op.module}"]] = cot[(op.module, (r - 1) % P)][0][
                     Op(B, op.module, op.chunk - 1, op.mb, op.sub)]
-            elif op.module == "llm":
+            elif m.role == BACKBONE:
                 for e in sig.encoders:
                     if op.mb in bcot and g.module(e).backward:
                         recv[t, (r - 1) % P, cols[f"bcot:{e}"]] = bcot[op.mb]
-            elif op.module == "dit" and last_dit_b.get(op.mb) == op and op.mb in hcot:
+            elif m.role == GENERATOR and last_gen_b.get(op.mb) == op and op.mb in hcot:
                 recv[t, (r - 1) % P, cols["hcot"]] = hcot[op.mb]
     return Table(ops, recv, need["ticks"], sig)
 
@@ -255,7 +267,7 @@ def idle(sig: Signature) -> tuple[np.ndarray, np.ndarray]:
     for e in sig.encoders:
         recv[:, :, cols[f"bnd:{e}"]] = sig.boundary_slots
         recv[:, :, cols[f"bcot:{e}"]] = sig.boundary_slots
-    if "dit" in sig.modules:
+    if sig.generator is not None:
         recv[:, :, cols["cond"]] = sig.cond_slots
         recv[:, :, cols["hcot"]] = sig.cond_slots
     return ops, recv
@@ -266,7 +278,8 @@ def busy(sig: Signature, module: str, kind: str, v: int = 0) -> tuple[np.ndarray
     trash inputs and into trash outputs: what one op costs inside the tick loop (calibration)."""
     ops, recv = idle(sig)
     k = sig.modules.index(module)
-    trash_aux = sig.cond_slots if module == "dit" or (module == "llm" and kind == B) else sig.boundary_slots
+    role = sig.roles[k]
+    trash_aux = sig.cond_slots if role == GENERATOR or (role == BACKBONE and kind == B) else sig.boundary_slots
     if kind == F:
         ops[:, :, F_ON:F_AUX + 1] = (1, k, v, 0, 0, sig.stash_slots[k], trash_aux)
     else:

@@ -6,13 +6,13 @@ from typing import Sequence
 
 from dip_jax.config import TrainConfig
 from dip_jax.data.metadata import SampleMeta
-from dip_jax.data.packing import Budget
+from dip_jax import specs
 
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """items[mb][module]: images (vision), audio clips (audio), 1 packed sequence (llm), video
-    clips (dit) of each microbatch."""
+    """items[mb][module]: what each module's spec counts in each microbatch (images, audio or
+    video clips; 1 packed sequence for the backbone)."""
 
     modules: tuple[str, ...]
     items: tuple[tuple[int, ...], ...]
@@ -29,12 +29,12 @@ class Workload:
 
 
 def workload_from_metadata(cfg: TrainConfig, microbatches: Sequence[Sequence[SampleMeta]]) -> Workload:
-    budget = Budget.from_config(cfg)
-    mods = cfg.model.modules
-    per = {
-        "vision": lambda mb: sum(s.images for s in mb),
-        "audio": lambda mb: sum(budget.audio_clips(s) for s in mb),
-        "llm": lambda mb: 1,
-        "dit": lambda mb: sum(budget.video_clips(s) for s in mb),
-    }
-    return Workload(mods, tuple(tuple(per[m](mb) for m in mods) for mb in microbatches))
+    model = cfg.model
+    mods = model.modules
+
+    def count(name, mb):
+        spec = specs.get(name)
+        if spec.role == specs.BACKBONE:
+            return 1
+        return sum(spec.items(s, model.module(name)) for s in mb)
+    return Workload(mods, tuple(tuple(count(m, mb) for m in mods) for mb in microbatches))

@@ -8,12 +8,14 @@ trash slot when nothing is due). Backward recomputes its chunk under jax.vjp. In
 dynamic_index / dynamic_update_index only. Data-parallel replicas run their own tables;
 gradients are reduced once, after the loop. The runtime holds no scheduling logic.
 
-Boundaries: an encoder's last chunk (rank P-1) sends its projected output to rank 0, where the
-llm's first chunk merges all of a microbatch's encoder outputs into the token sequence; the
-llm's first-chunk backward sends one padded cotangent payload back, from which each encoder
-sub-microbatch's backward reads its slice. The llm's last chunk sends its final states to rank
-0 for the dit, whose first-chunk backwards accumulate the cotangent of those states; the last
-one sends it to the llm's last-chunk backward.
+Boundaries, by the modules' roles: an encoder's last chunk (rank P-1) sends its projected
+output to rank 0, where the backbone's first chunk merges all of a microbatch's encoder outputs
+into the token sequence; the backbone's first-chunk backward sends one padded cotangent payload
+back, from which each encoder sub-microbatch's backward reads its slice. The backbone's last
+chunk sends its final states to rank 0 for the generator, whose first-chunk backwards
+accumulate the cotangent of those states; the last one sends it to the backbone's last-chunk
+backward. How a first chunk reads the batch and what a last chunk's loss is come from the
+modules' runtime specs (`spec.runtime[m]`); nothing here names a module.
 """
 from __future__ import annotations
 
@@ -23,7 +25,6 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from dip_jax.models.lmm import flow_loss_sum, flow_targets, lm_loss_sum
 from dip_jax.plan import tables as T
 from dip_jax.runtime import sharding as S
 from dip_jax.runtime.channels import packed_ppermute, packed_psum
@@ -35,7 +36,6 @@ row = lambda a, i: lax.dynamic_index_in_dim(a, i, 0, keepdims=False)
 put = lambda a, i, x: lax.dynamic_update_index_in_dim(a, x, i, 0)
 take = lambda tree, i: jax.tree.map(lambda a: row(a, i), tree)
 zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
-ENCODER_INPUT = {"vision": ("images", "image_pos"), "audio": ("audio", "audio_pos")}
 
 
 def _sub(a, sub, unit):
@@ -48,7 +48,7 @@ def _where(c, a, b):
 
 
 def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_reductions: bool = False):
-    """spec: runtime.pipeline.ExecSpec (module graphdefs, shapes). Returns the (unjitted) step
+    """spec: runtime.pipeline.ExecSpec (module graphdefs, runtime specs, shapes). Returns the (unjitted) step
 
     step(params, masks, batch, ops, recv, n_ticks) -> (loss, grads)
 
@@ -70,8 +70,8 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
     n_chunks = {m: Pn * k for m, k in zip(mods, sig.chunks_per_rank)}
     slots = {m: (s, c) for m, s, c in zip(mods, sig.stash_slots, sig.cot_slots)}
     nb, nc = sig.boundary_slots, sig.cond_slots
-    encoders = sig.encoders
-    has_dit = "dit" in mods
+    encoders, bb, gen = sig.encoders, sig.backbone, sig.generator
+    rt = spec.runtime
     send = ((lambda tree, perm: packed_ppermute(tree, STAGE, perm)) if packed else
             (lambda tree, perm: jax.tree.map(lambda x: lax.ppermute(x, STAGE, perm), tree)))
     reduce = packed_psum if packed else (lambda tree, axes: jax.tree.map(lambda x: lax.psum(x, axes), tree))
@@ -99,41 +99,41 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
         module = module_of(m, layer_p, edge)
         u = unit[m]
         if m in encoders:
-            raw = _sub(row(batch[ENCODER_INPUT[m][0]], mb), sub, u)
+            raw = _sub(row(batch[spec.encoder_input[m][0]], mb), sub, u)
             x = _where(first, module.embed(raw), x_stash)
             y = blocks(m, layer_p, layer_mask, module, x, None)
             out = lax.cond(last, module.head, lambda y: jnp.zeros(spec.boundary_shape[m], spec.dtype), y)
             return y, out, jnp.zeros((), jnp.float32)
-        if m == "llm":
-            inputs = {k: row(batch[k], mb)[None] for k in ("tokens", "segment_ids", "positions")}
-            inputs["merges"] = tuple((ext[e].reshape(1, -1, D), row(batch[ENCODER_INPUT[e][1]], mb)[None])
-                                     for e in encoders)
+        r = rt[m]
+        if m == bb:
+            b = {k: row(batch[k], mb)[None] for k in r.batch_keys}
+            merges = tuple((ext[e].reshape(1, -1, D), row(batch[spec.encoder_input[e][1]], mb)[None])
+                           for e in encoders)
+            inputs = r.inputs(b, merges)
             x = _where(first, module.embed(inputs), x_stash)
             y = blocks(m, layer_p, layer_mask, module, x, module.context(inputs))
-
-            def head(y):
-                hidden, logits = module.head(y)
-                loss = lm_loss_sum(logits[0], row(batch["targets"], mb), row(batch["loss_mask"], mb))
-                return hidden, loss / batch["n_tokens"]
-            hidden, loss = lax.cond(last, head, lambda y: (jnp.zeros_like(y), jnp.zeros((), jnp.float32)), y)
+            hidden, loss = lax.cond(last, lambda y: r.loss(module.head(y), b, batch),
+                                    lambda y: (jnp.zeros_like(y), jnp.zeros((), jnp.float32)), y)
             return y, hidden, loss
-        # dit
-        sl = lambda k: _sub(row(batch[k], mb), sub, u)
-        x_t, target = flow_targets(sl("latents"), sl("noise"), sl("t"))
-        inputs = {"x_t": x_t, "t": sl("t"), "cond": ext, "cond_mask": sl("cond_mask")}
+        # the generator
+        b = {k: _sub(row(batch[k], mb), sub, u) for k in r.batch_keys}
+        inputs, target = r.inputs(b, ext)
         x = _where(first, module.embed(inputs), x_stash)
         y = blocks(m, layer_p, layer_mask, module, x, module.context(inputs))
-        loss = lax.cond(last, lambda y: flow_loss_sum(module.head(y), target, sl("video_valid")) / batch["n_clips"]
-                        * spec.dit_loss_weight, lambda y: jnp.zeros((), jnp.float32), y)
+        loss = lax.cond(last, lambda y: r.loss(module.head(y), target, b, batch) * spec.loss_weight[m],
+                        lambda y: jnp.zeros((), jnp.float32), y)
         return y, jnp.zeros((), jnp.float32), loss
+
+    def cond_index(batch, mb, sub):
+        """The backbone positions the generator's sub-microbatch conditions on."""
+        return _sub(row(batch[rt[gen].cond_key], mb), sub, unit[gen])
 
     def external(m, bufs, aux, batch, mb, sub):
         """Differentiable inputs a first chunk reads from boundary buffers."""
-        if m == "llm":
+        if m == bb:
             return {e: row(bufs["bnd"][e], aux) for e in encoders}
-        if m == "dit":
-            idx = _sub(row(batch["cond_idx"], mb), sub, unit["dit"])
-            return row(bufs["cond"], aux)[idx]
+        if m == gen:
+            return row(bufs["cond"], aux)[cond_index(batch, mb, sub)]
         return None
 
     def per_rank(params, masks, batch, ops, recv, n_ticks):
@@ -149,8 +149,8 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
                 "cot": {m: buf(act[m], slots[m][1]) for m in mods if bwd[m]},
                 "bnd": {e: jnp.zeros((nb + 1, *spec.bnd_shape[e]), spec.dtype) for e in encoders},
                 "bcot": {e: jnp.zeros((nb + 1, *spec.bnd_shape[e]), spec.dtype) for e in encoders if bwd[e]}}
-        if has_dit:
-            S = batch["tokens"].shape[-1]
+        if gen is not None:
+            S = batch[rt[bb].batch_keys[0]].shape[-1]
             for k in ("cond", "hcot", "hacc"):
                 bufs[k] = jnp.zeros((nc + 1, S, D), spec.dtype)
         grads = {"stacks": {m: zeros(stacks[m]) for m in mods if bwd[m]},
@@ -179,7 +179,7 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
                                       first, last, batch, mb, sub)
                     return go & False, y, out, loss + l
                 out0 = (jnp.zeros(spec.boundary_shape[m], spec.dtype) if m in encoders else
-                        act["llm"] if m == "llm" else jnp.zeros((), jnp.float32))
+                        act[bb] if m == bb else jnp.zeros((), jnp.float32))
                 go = (op[T.F_ON] == 1) & (op[T.F_MOD] == kid[m])
                 _, y, out, loss = lax.while_loop(lambda c: c[0], fwd, (go, act[m], out0, loss))
                 f_out[m] = (y, out)
@@ -192,7 +192,7 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
                 ct_in = take(bufs["cot"][m], op[T.B_COT])
                 if m in encoders:
                     ct_head = row(row(bufs["bcot"][m], aux), sub)
-                elif m == "llm" and has_dit:      # a trash address: this microbatch has no dit clips
+                elif m == bb and gen is not None:      # a trash address: this microbatch has no generator items
                     ct_head = jnp.where(aux < nc, row(bufs["hcot"], aux), 0.0)[None]
                 else:
                     ct_head = None
@@ -207,31 +207,31 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
                     g_lp, g_e, g_x, g_ext = pull((ct_y, ct_out, jnp.where(last, 1.0, 0.0).astype(jnp.float32)))
                     g_stack = jax.tree.map(lambda G, g: put(G, v, row(G, v) + g), g_stack, g_lp)
                     g_edge = jax.tree.map(jnp.add, g_edge, g_e)
-                    payload = g_ext if m == "llm" else jnp.zeros((), jnp.float32)
-                    if m == "dit":
-                        idx = _sub(row(batch["cond_idx"], mb), sub, unit["dit"])
+                    payload = g_ext if m == bb else jnp.zeros((), jnp.float32)
+                    if m == gen:
+                        idx = cond_index(batch, mb, sub)
                         acc = jnp.where(op[T.B_FIRST] == 1, 0.0, row(hacc, aux)).at[idx].add(g_ext)
                         hacc = put(hacc, aux, jnp.where(first, acc, row(hacc, aux)))
                         payload = acc
                     return go & False, g_x, payload, hacc, g_stack, g_edge
 
-                pay0 = ({e: jnp.zeros(spec.bnd_shape[e], spec.dtype) for e in encoders} if m == "llm" else
-                        bufs["hacc"][0] if m == "dit" else jnp.zeros((), jnp.float32))
+                pay0 = ({e: jnp.zeros(spec.bnd_shape[e], spec.dtype) for e in encoders} if m == bb else
+                        bufs["hacc"][0] if m == gen else jnp.zeros((), jnp.float32))
                 go = (op[T.B_ON] == 1) & (op[T.B_MOD] == kid[m])
-                hacc = bufs["hacc"] if m == "dit" else jnp.zeros((), jnp.float32)   # the only buffer a body writes
+                hacc = bufs["hacc"] if m == gen else jnp.zeros((), jnp.float32)   # the only buffer a body writes
                 _, gx, payload, hacc, grads["stacks"][m], grads["edges"][m] = lax.while_loop(
                     lambda c: c[0], bwd_body, (go, act[m], pay0, hacc, grads["stacks"][m], grads["edges"][m]))
-                if m == "dit":
+                if m == gen:
                     bufs = {**bufs, "hacc": hacc}
                 b_out[m] = (gx, payload)
             # communication, every tick: one packed collective per direction carries every channel
             sent_up = {"act": {m: f_out[m][0] for m in mods}, "bnd": {e: f_out[e][1] for e in encoders}}
             sent_down = {"cot": {m: b_out[m][0] for m in mods if bwd[m]},
-                         "bcot": {e: b_out["llm"][1][e] for e in encoders if bwd[e] and bwd["llm"]}}
-            if has_dit:
-                sent_up["cond"] = f_out["llm"][1][0]
-                if bwd["dit"]:
-                    sent_down["hcot"] = b_out["dit"][1]
+                         "bcot": {e: b_out[bb][1][e] for e in encoders if bwd[e] and bwd[bb]}}
+            if gen is not None:
+                sent_up["cond"] = f_out[bb][1][0]
+                if bwd[gen]:
+                    sent_down["hcot"] = b_out[gen][1]
             up, down = send(sent_up, fwd_perm), send(sent_down, bwd_perm)
             new = dict(bufs)
             stash, cot = dict(bufs["stash"]), dict(bufs.get("cot", {}))
@@ -247,9 +247,9 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
                 if e in down["bcot"]:
                     bcot[e] = put(bcot[e], rc[cols[f"bcot:{e}"]], down["bcot"][e])
             new["bnd"], new["bcot"] = bnd, bcot
-            if has_dit:
+            if gen is not None:
                 new["cond"] = put(bufs["cond"], rc[cols["cond"]], up["cond"])
-                if bwd["dit"]:
+                if bwd[gen]:
                     new["hcot"] = put(bufs["hcot"], rc[cols["hcot"]], down["hcot"])
             return new, grads, loss
 

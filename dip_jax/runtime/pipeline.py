@@ -16,30 +16,32 @@ import numpy as np
 import optax
 from flax import nnx
 
+from dip_jax import specs
 from dip_jax.models.lmm import LMM
 from dip_jax.plan import tables as T
 from dip_jax.plan.partition import ModalityPartition
 from dip_jax.plan.schedule import Plan
 from dip_jax.runtime.cache import StepCache
-from dip_jax.runtime.executor import ENCODER_INPUT, build_step
+from dip_jax.runtime.executor import build_step
 from dip_jax.runtime.norms import sharded_global_norm
 from dip_jax.runtime.sharding import REPLICA, REPLICA_BATCH, SCALAR, TABLE, named, state_shardings
 from dip_jax.runtime.stages import StageLayout, like, relayout
 
 is_blocks = lambda path, _: len(path) > 0 and path[0] == "blocks"
-CLIP_KEYS = ("latents", "noise", "t", "cond_idx", "cond_mask", "video_valid")
-LLM_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
 @dataclasses.dataclass(frozen=True)
 class ExecSpec:
+    """What the tick engine needs of the model, per module name."""
     graphdef: dict
     block_def: dict
     carry: dict
-    boundary_shape: dict
-    bnd_shape: dict
-    llm_dim: int
-    dit_loss_weight: float
+    boundary_shape: dict             # encoders: one sub-microbatch's output [unit, tokens, D]
+    bnd_shape: dict                  # encoders: a microbatch's outputs [subs, unit, tokens, D]
+    llm_dim: int                     # the backbone width D
+    runtime: dict                    # the modules' runtime specs
+    encoder_input: dict              # encoders: (input key, positions key) in the batch
+    loss_weight: dict                # the generator's loss weight
     dtype: object                    # of the activations carried between chunks (the compute dtype)
 
 
@@ -61,21 +63,29 @@ class PipelineExecutor:
         self.modules = tuple(m.name for m in partition.modules)
         self.layouts = {m.name: StageLayout(self.P, m.chunks // self.P, m.layers) for m in partition.modules}
         self.unit = {m.name: m.unit for m in partition.modules}
-        self.subs = {m: (1 if m == "llm" else max(1, math.ceil(max_items.get(m, 1) / self.unit[m])))
-                     for m in self.modules}
         cfg = model.cfg
-        graphdef, block_def, carry, bshape, bnd = {}, {}, {}, {}, {}
+        self.specs = {m: specs.get(m) for m in self.modules}
+        self.runtime = {m: s.runtime_half() for m, s in self.specs.items()}
+        self.subs = {m: (1 if s.role == specs.BACKBONE else max(1, math.ceil(max_items.get(m, 1) / self.unit[m])))
+                     for m, s in self.specs.items()}
+        graphdef, block_def, carry, bshape, bnd, enc_in = {}, {}, {}, {}, {}, {}
         for m in self.modules:
             module = getattr(model, m)
             graphdef[m] = nnx.split(module, is_blocks, ...)[0]
             block_def[m] = nnx.graphdef(module.blocks)
             carry[m] = self._carry_shape(model, m, seq_len)
-            if m in ENCODER_INPUT:
-                t = getattr(cfg, m).tokens_per_image if m == "vision" else getattr(cfg, m).tokens_per_clip
+            e = self.specs[m].encoder_items
+            if e is not None:
+                t = self.specs[m].tokens_per_item(cfg.module(m))
                 bshape[m] = (self.unit[m], t, cfg.llm.dim)
                 bnd[m] = (self.subs[m], self.unit[m], t, cfg.llm.dim)
-        dtype = jax.tree.leaves(carry["llm"])[0].dtype
-        self.spec = ExecSpec(graphdef, block_def, carry, bshape, bnd, cfg.llm.dim, cfg.dit_loss_weight, dtype)
+                enc_in[m] = (e.input_key, e.positions_key)
+        self.backbone = specs.with_role(cfg, specs.BACKBONE)
+        gen = specs.with_role(cfg, specs.GENERATOR)
+        self.generator = gen if gen in self.modules else None
+        dtype = jax.tree.leaves(carry[self.backbone])[0].dtype
+        weights = {m: self.runtime[m].loss_weight(cfg) for m in self.modules}
+        self.spec = ExecSpec(graphdef, block_def, carry, bshape, bnd, cfg.llm.dim, self.runtime, enc_in, weights, dtype)
         self._buckets: dict = {}
         self._relayouts: dict = {}
         self.masks = {m: jax.device_put(l.index()[1], named(mesh, "stage")) for m, l in self.layouts.items()}
@@ -83,21 +93,10 @@ class PipelineExecutor:
         self.cache = StepCache(self._build, cache_size, persistent_cache_dir)
 
     def _carry_shape(self, model, m, seq_len):
-        module, u, cfg = getattr(model, m), self.unit[m], model.cfg
-        if m == "vision":
-            v = cfg.vision
-            x = jax.ShapeDtypeStruct((u, v.image_size, v.image_size, v.channels), jnp.float32)
-        elif m == "audio":
-            x = jax.ShapeDtypeStruct((u, cfg.audio.frames_per_clip, cfg.audio.mel_bins), jnp.float32)
-        elif m == "llm":
-            x = {"tokens": jax.ShapeDtypeStruct((1, seq_len), jnp.int32), "merges": ()}
-        else:
-            d = cfg.dit
-            x = {"x_t": jax.ShapeDtypeStruct((u, d.tokens_per_clip, d.latent_channels), jnp.float32),
-                 "t": jax.ShapeDtypeStruct((u,), jnp.float32),
-                 "cond": jax.ShapeDtypeStruct((u, d.cond_tokens, cfg.llm.dim), jnp.float32)}
+        module, u = getattr(model, m), self.unit[m]
         gd, state = nnx.split(module)
-        return jax.eval_shape(lambda s, x: nnx.merge(gd, s).embed(x), state, x)
+        embed = lambda s: nnx.merge(gd, s).embed(self.runtime[m].example_input(model.cfg, u, seq_len, jnp.zeros))
+        return jax.eval_shape(embed, state)
 
     # -- parameters ----------------------------------------------------------------------
     def state_shardings(self, tree, staged: bool = True):
@@ -126,21 +125,21 @@ class PipelineExecutor:
         """Global collated arrays [M, ...] -> [data, M/data, ...], item axes padded to whole
         sub-microbatches."""
         out = {}
-        for k in LLM_KEYS:
+        seq = self.runtime[self.backbone].batch_keys
+        for k in seq:
             out[k] = arrays[k]
-        for m, (x_key, pos_key) in ENCODER_INPUT.items():
-            if m in self.modules:
-                n = self.subs[m] * self.unit[m]
-                out[x_key] = _pad_axis1(arrays[x_key], n, 0)
-                out[pos_key] = _pad_axis1(arrays[pos_key], n, arrays["tokens"].shape[1]).reshape(
-                    arrays[pos_key].shape[0], -1)
-        if "dit" in self.modules:
-            n = self.subs["dit"] * self.unit["dit"]
-            for k in CLIP_KEYS:
+        S = arrays[seq[0]].shape[1]
+        for m, (x_key, pos_key) in self.spec.encoder_input.items():
+            n = self.subs[m] * self.unit[m]
+            out[x_key] = _pad_axis1(arrays[x_key], n, 0)
+            out[pos_key] = _pad_axis1(arrays[pos_key], n, S).reshape(arrays[pos_key].shape[0], -1)
+        if self.generator is not None:
+            n = self.subs[self.generator] * self.unit[self.generator]
+            for k in self.runtime[self.generator].batch_keys:
                 out[k] = _pad_axis1(arrays[k], n, 0)
         D = self.data
         out = {k: v.reshape(D, v.shape[0] // D, *v.shape[1:]) for k, v in out.items()}
-        for k in ("n_tokens", "n_clips"):
+        for k in sorted({k for r in self.runtime.values() for k in r.scalars}):
             out[k] = np.full((D,), arrays.get(k, 1.0), np.float32)
         return out
 

@@ -6,6 +6,7 @@ runs through the same executor with forward-only plans.
 """
 from __future__ import annotations
 
+from dip_jax import specs
 from dip_jax.config import TrainConfig
 from dip_jax.data.collate import Batch
 from dip_jax.runtime.pipeline import PipelineExecutor
@@ -22,7 +23,7 @@ class PipelinedStep:
         zero = cfg.optim.shard_state_over_data
         reuse = executor is not None and executor.partition == ctx.partition and executor.zero == zero
         self.executor = executor if reuse else PipelineExecutor(model, ctx.partition, mesh,
-                                         {"vision": d.max_images, "audio": d.max_audio_clips, "dit": d.max_video_clips},
+                                         specs.max_items(cfg.model, d),
                                          d.seq_len, cfg.pipeline.step_cache_size,
                                          cfg.pipeline.compile_cache_dir or None, tx=tx,
                                          shard_state_over_data=zero)

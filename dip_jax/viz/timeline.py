@@ -8,7 +8,11 @@ from __future__ import annotations
 import json
 import pathlib
 
-COLORS = {"vision": "#4c9be8", "audio": "#9b6ad6", "llm": "#f0a03c", "dit": "#4fb286", "mixed": "#8c8c8c"}
+from dip_jax import specs
+
+
+def _color(module: str) -> str:
+    return specs.get(module).color if module in specs.registered() else "#8c8c8c"
 
 
 def trace_events(plan, timeline, title: str = "") -> dict:
@@ -46,7 +50,7 @@ def write_png(plan, timeline, path, title: str = "", measured_seconds: float | N
     scale, unit = (1e3, "ms") if timeline.iteration_seconds < 10 else (1.0, "s")
     for r, ops in enumerate(plan.order):
         bars = [((timeline.start[o]) * scale, (timeline.end[o] - timeline.start[o]) * scale) for o in ops]
-        colors = [COLORS.get(o.module, "#888") for o in ops]
+        colors = [_color(o.module) for o in ops]
         hatches = ["//" if o.kind == "B" else "" for o in ops]
         for (x, w), c, h in zip(bars, colors, hatches):
             ax.broken_barh([(x, w)], (r - 0.4, 0.8), facecolors=c, edgecolor="black", linewidth=0.2, hatch=h)
@@ -54,7 +58,7 @@ def write_png(plan, timeline, path, title: str = "", measured_seconds: float | N
     ax.invert_yaxis()
     ax.set_xlabel(f"time ({unit})")
     mods = sorted({o.module for ops in plan.order for o in ops})
-    handles = [Patch(facecolor=COLORS.get(m, "#888"), label=m) for m in mods]
+    handles = [Patch(facecolor=_color(m), label=m) for m in mods]
     handles += [Patch(facecolor="white", edgecolor="black", label="forward"),
                 Patch(facecolor="white", edgecolor="black", hatch="//", label="backward")]
     ax.legend(handles=handles, loc="upper right", fontsize=7, ncol=len(handles))
