@@ -68,7 +68,8 @@ def _inputs(model_cfg, module: str, units: int, seq_len: int):
 
     def make(shape, dtype):
         if jnp.issubdtype(dtype, jnp.integer):
-            return jnp.asarray(rng.integers(0, model_cfg.llm.vocab_size, shape), dtype)
+            vocab = model_cfg.module(specs.with_role(model_cfg, specs.BACKBONE)).vocab_size
+            return jnp.asarray(rng.integers(0, vocab, shape), dtype)
         return jnp.asarray(rng.standard_normal(shape), dtype)
     return specs.get(module).runtime_half().example_input(model_cfg, units, seq_len, make)
 

@@ -278,9 +278,14 @@ class ModelConfig:
         extra = tuple((n, subs.get(n, c)) for n, c in self.extra_modules)
         return dataclasses.replace(self, extra_modules=extra, **{k: v for k, v in subs.items() if k in MODULES})
 
+    @property
+    def width(self) -> int:
+        """The backbone's hidden width: what encoders project into, what the generator reads."""
+        return self.llm.dim
+
     def module_param_count(self, name: str) -> int:
         from dip_jax import specs
-        return specs.get(name).param_count(self.module(name), self.llm.dim)
+        return specs.get(name).param_count(self.module(name), self.width)
 
     def param_count(self) -> int:
         return sum(self.module_param_count(m) for m in self.modules)

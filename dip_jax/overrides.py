@@ -5,6 +5,7 @@ import ast
 import dataclasses
 import importlib.util
 import pathlib
+import sys
 import types
 import typing
 
@@ -22,6 +23,7 @@ def load_config_file(path: str | pathlib.Path) -> TrainConfig:
         raise ConfigError(f"--config: {path} is not a Python config file (.py with get_config())")
     spec = importlib.util.spec_from_file_location(f"_dip_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module      # as an import would: dataclasses and pickle look it up there
     try:
         spec.loader.exec_module(module)
     except ConfigError:

@@ -43,3 +43,31 @@ def test_schedule_ir_imports_nothing_of_the_planner():
             "bad = [m for m in ('indexed', 'simulate', 'validate', 'interleave', 'search') "
             "if 'dip_jax.plan.' + m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+BUILTIN_MODULES = {"vision", "audio", "llm", "dit"}
+# where the built-in module names may be written: their spec definitions, the models and the
+# config defaults (zoo: the paper's model configs)
+NAMED_IN = ("specs", "models", "config.py", "zoo.py")
+
+
+def _module_name_literals(source: str) -> list[tuple[int, str]]:
+    import ast
+    return [(node.lineno, node.value) for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Constant) and node.value in BUILTIN_MODULES]
+
+
+def test_no_module_names_outside_the_specs(root):
+    """The library loops over module specs: no built-in module name is a string literal in
+    dip_jax/ outside the spec definitions, the models and the config defaults."""
+    pkg = root / "dip_jax"
+    found = []
+    for path in sorted(pkg.rglob("*.py")):
+        rel = path.relative_to(pkg)
+        if rel.parts[0] in NAMED_IN:
+            continue
+        found += [f"{rel}:{line}: {value!r}" for line, value in _module_name_literals(path.read_text())]
+    assert not found, "\n".join(found)
+    # negative control: the scan sees a name in an assignment, a subscript and a dict key
+    assert [v for _, v in _module_name_literals('a = "vision"\nb = x["dit"]\nc = {"llm": 1}')] == \
+        ["vision", "dit", "llm"]

@@ -41,7 +41,7 @@ def collate(microbatches: Sequence[Sequence[Sample]], cfg: TrainConfig, seed: in
         spec, sub = specs.get(name), m.module(name)
         if spec.encoder_items is not None:
             e = spec.encoder_items
-            n = spec.capacity(d)
+            n = spec.capacity(d, sub)
             a[e.input_key] = np.zeros((M, n, *e.item_shape(sub)), np.float32)
             a[e.positions_key] = np.full((M, n, spec.tokens_per_item(sub)), S, np.int32)
             encoders.append(e)
@@ -62,7 +62,8 @@ def collate(microbatches: Sequence[Sequence[Sample]], cfg: TrainConfig, seed: in
             a["segment_ids"][i, sl] = seg
             a["positions"][i, sl] = np.arange(L)
             for k, e in enumerate(encoders):
-                items = getattr(s, e.sample_field) if hasattr(s, e.sample_field) else s.extra.get(e.sample_field)
+                f = e.sample_field          # an extra module's inputs are in `extra`, the built-ins' are fields
+                items = s.extra[f] if f in s.extra else getattr(s, f, None)
                 used[k] = _place(a, e.input_key, e.positions_key, i, used[k], items,
                                  off + np.flatnonzero(s.tokens == e.placeholder))
             for k, c in enumerate(others, start=len(encoders)):

@@ -35,7 +35,7 @@ class Budget:
         extra = []
         for name, sub in m.extra_modules:
             spec = specs.get(name)
-            extra.append((name, spec.capacity(d), spec.tokens_per_item(sub),
+            extra.append((name, spec.capacity(d, sub), spec.tokens_per_item(sub),
                           lambda meta, spec=spec, sub=sub: spec.items(meta, sub)))
         return cls(
             seq_len=d.seq_len,

@@ -19,7 +19,8 @@ from dip_jax.config import SCHEDULERS, ConfigError
 def _args(argv):
     p = argparse.ArgumentParser(prog="python -m dip_jax.plan", description=__doc__.split("\n\n")[1])
     p.add_argument("--config", required=True)
-    p.add_argument("--metadata", help="JSONL, one sample per line: text_tokens, images, audio_seconds, video_seconds")
+    p.add_argument("--metadata", help="JSONL, one sample per line: text_tokens, images, audio_seconds, video_seconds "
+                                      "and the metadata fields of registered module specs")
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--schedulers", default=",".join(SCHEDULERS))
     p.add_argument("--seed", type=int, default=0)
@@ -55,6 +56,9 @@ def batches_for(cfg, args):
         if not full:
             raise ConfigError(f"--metadata: {args.metadata} fills no whole batch of {cfg.data.microbatches} microbatches")
         return full[: args.batches], counts
+    if cfg.model.extra_modules:
+        raise ConfigError(f"--metadata: needed for module {cfg.model.extra_modules[0][0]!r} "
+                          f"(the synthetic data brings no items for it)")
     from dip_jax.data.stream import PackedStream
     source = PackedStream(cfg, content=False)
     counts = OversizeCounts()
@@ -81,7 +85,8 @@ def main(argv=None) -> int:
         if bad:
             raise ConfigError(f"--schedulers: unknown {bad}; choose from {', '.join(SCHEDULERS)}")
         batches, oversize = batches_for(cfg, args)
-        ctx = PlanContext(cfg, args.hardware)
+        # a model with modules the synthetic task cannot describe scores partitions on the file's batches
+        ctx = PlanContext(cfg, args.hardware, probe_batches=batches if cfg.model.extra_modules else None)
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

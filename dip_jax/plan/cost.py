@@ -79,7 +79,7 @@ class CostModel:
     @functools.lru_cache(maxsize=None)
     def extra_work(self, module: str, units: int, first: bool, last: bool) -> Work:
         """Embedding / patchify work on the first chunk, head / projector / loss on the last."""
-        spec, cfg, d = specs.get(module), self.model.module(module), self.model.llm.dim
+        spec, cfg, d = specs.get(module), self.model.module(module), self.model.width
         n = units * self.tokens_per_unit(module)
         w = Work()
         if first:

@@ -52,7 +52,7 @@ def layer_params(model: ModelConfig, name: str) -> int:
 
 
 def extra_params(model: ModelConfig, name: str, first: bool, last: bool) -> int:
-    spec, cfg, d = specs.get(name), model.module(name), model.llm.dim
+    spec, cfg, d = specs.get(name), model.module(name), model.width
     p = 0
     if first:
         p += spec.embed_params(cfg, d)

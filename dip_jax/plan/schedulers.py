@@ -54,8 +54,12 @@ class PlanResult:
 class PlanContext:
     """What stays fixed over a run: cost model, DIP partition, memory cap."""
 
-    def __init__(self, cfg: TrainConfig, hw_profile: str | None = None, partition: ModalityPartition | None = None):
-        """`partition`: one already chosen for this config (skips probing candidates)."""
+    def __init__(self, cfg: TrainConfig, hw_profile: str | None = None, partition: ModalityPartition | None = None,
+                 probe_batches: Sequence[Sequence[Sequence[SampleMeta]]] | None = None):
+        """`partition`: one already chosen for this config (skips probing candidates).
+        `probe_batches`: the metadata (per microbatch) of representative batches, on which
+        candidate partitions are scored; by default the config's first two synthetic batches
+        (when the synthetic task can describe every module of the model)."""
         self.cfg = cfg
         self.hw, calibration = hardware.resolve(hw_profile or cfg.pipeline.hardware)
         self.cost = CostModel(cfg.model, self.hw, cfg.mesh.tensor, cfg.data.seq_len, calibration)
@@ -63,7 +67,7 @@ class PlanContext:
         max_items = specs.max_items(cfg.model, d)
         self.memory_cap = cfg.pipeline.memory_cap_gb * 1e9
         self.partition: ModalityPartition = partition or dip_partition(
-            cfg.model, self.cost, cfg.mesh.pipe, max_items, cfg.optim.frozen, probe=self._probe())
+            cfg.model, self.cost, cfg.mesh.pipe, max_items, cfg.optim.frozen, probe=self._probe(probe_batches))
         self.forward_partition = dataclasses.replace(
             self.partition, modules=tuple(dataclasses.replace(m, backward=False) for m in self.partition.modules))
         self._sub_seconds = {   # forward + backward of one sub-microbatch through all of a module's chunks
@@ -72,15 +76,17 @@ class PlanContext:
             for m in self.partition.modules}
         self._static = {}
 
-    def _probe(self):
-        """Scores a candidate partition on the config's first two synthetic batches (same for
-        every process that builds this context, so all agree on the partition)."""
-        if self.cfg.data.task != "synthetic":
-            return None
-        from dip_jax.data.stream import PackedStream
-        source = PackedStream(self.cfg, content=False)
+    def _probe(self, batches):
+        """Scores a candidate partition on two representative batches (the same for every
+        process that builds this context, so all agree on the partition)."""
         per = self.cfg.data.microbatches // self.cfg.mesh.data
-        works = [self.workload(source.metadata(i)[:per]) for i in range(2)]
+        if batches is None:
+            if self.cfg.data.task != "synthetic" or self.cfg.model.extra_modules:
+                return None
+            from dip_jax.data.stream import PackedStream
+            source = PackedStream(self.cfg, content=False)
+            batches = [source.metadata(i) for i in range(2)]
+        works = [self.workload(b[:per]) for b in batches[:2]]
         return lambda part: sum(default_seconds(part.graph(w), part.costs(self.cost, self.cfg.model), self.memory_cap)
                                 for w in works)
 

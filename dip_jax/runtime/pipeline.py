@@ -77,15 +77,15 @@ class PipelineExecutor:
             e = self.specs[m].encoder_items
             if e is not None:
                 t = self.specs[m].tokens_per_item(cfg.module(m))
-                bshape[m] = (self.unit[m], t, cfg.llm.dim)
-                bnd[m] = (self.subs[m], self.unit[m], t, cfg.llm.dim)
+                bshape[m] = (self.unit[m], t, cfg.width)
+                bnd[m] = (self.subs[m], self.unit[m], t, cfg.width)
                 enc_in[m] = (e.input_key, e.positions_key)
         self.backbone = specs.with_role(cfg, specs.BACKBONE)
         gen = specs.with_role(cfg, specs.GENERATOR)
         self.generator = gen if gen in self.modules else None
         dtype = jax.tree.leaves(carry[self.backbone])[0].dtype
         weights = {m: self.runtime[m].loss_weight(cfg) for m in self.modules}
-        self.spec = ExecSpec(graphdef, block_def, carry, bshape, bnd, cfg.llm.dim, self.runtime, enc_in, weights, dtype)
+        self.spec = ExecSpec(graphdef, block_def, carry, bshape, bnd, cfg.width, self.runtime, enc_in, weights, dtype)
         self._buckets: dict = {}
         self._relayouts: dict = {}
         self.masks = {m: jax.device_put(l.index()[1], named(mesh, "stage")) for m, l in self.layouts.items()}

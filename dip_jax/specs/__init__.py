@@ -30,8 +30,8 @@ def clips(seconds: float, clip_seconds: float) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class EncoderItems:
-    """How an encoder's items are collated: a sample's items (Sample attribute or `extra`
-    entry `sample_field`, [n, *item_shape]) go into `input_key` [M, capacity, *item_shape];
+    """How an encoder's items are collated: a sample's items (its `Sample.extra[sample_field]`,
+    or for the built-in modules the Sample attribute of that name; [n, *item_shape]) go into `input_key` [M, capacity, *item_shape];
     the sequence positions of the sample's `placeholder` tokens into `positions_key`
     [M, capacity, tokens_per_item] (seq_len = padding, dropped on merge)."""
 
@@ -52,7 +52,7 @@ class ModuleSpec:
     role: str
     runtime: Any                                        # "pkg.mod:ATTR" or a runtime.ModuleRuntime
     items: Callable[[Any, Any], int] = lambda meta, cfg: 1       # (SampleMeta, cfg) -> items of a sample
-    capacity: Callable[[Any], int] = lambda data: 1              # DataConfig -> item slots per microbatch
+    capacity: Callable[[Any, Any], int] = lambda data, cfg: 1     # (DataConfig, cfg) -> item slots per microbatch
     tokens_per_item: Callable[[Any], int] = lambda cfg: 0        # backbone positions per item (encoders)
     layer_tokens: Callable[[Any, int], int] = lambda cfg, seq_len: seq_len   # tokens per item in its layers
     metadata: tuple[str, ...] = ()                      # metadata keys it adds to SampleMeta
@@ -128,7 +128,7 @@ def with_role(model, role: str) -> str | None:
 
 def max_items(model, data) -> dict[str, int]:
     """Item slots per microbatch of each module of `model` but the backbone."""
-    return {n: get(n).capacity(data) for n in model.modules if get(n).role != BACKBONE}
+    return {n: get(n).capacity(data, model.module(n)) for n in model.modules if get(n).role != BACKBONE}
 
 
 def metadata_keys() -> tuple[str, ...]:

@@ -44,7 +44,7 @@ class ClipCollate:
 
 VISION = register(ModuleSpec(
     "vision", ENCODER, "dip_jax.models.builtin:VISION",
-    items=lambda meta, cfg: meta.images, capacity=lambda data: data.max_images,
+    items=lambda meta, cfg: meta.images, capacity=lambda data, cfg: data.max_images,
     tokens_per_item=lambda cfg: cfg.tokens_per_image, layer_tokens=lambda cfg, seq_len: cfg.patches,
     head_tokens=lambda cfg, n: n // (cfg.spatial_merge ** 2),
     encoder_items=EncoderItems("images", "image_pos", IMG, "images",
@@ -54,7 +54,7 @@ VISION = register(ModuleSpec(
 AUDIO = register(ModuleSpec(
     "audio", ENCODER, "dip_jax.models.builtin:AUDIO",
     items=lambda meta, cfg: clips(meta.audio_seconds, cfg.clip_seconds),
-    capacity=lambda data: data.max_audio_clips,
+    capacity=lambda data, cfg: data.max_audio_clips,
     tokens_per_item=lambda cfg: cfg.tokens_per_clip, layer_tokens=lambda cfg, seq_len: cfg.tokens_per_clip,
     encoder_items=EncoderItems("audio", "audio_pos", AUD, "audio", lambda cfg: (cfg.frames_per_clip, cfg.mel_bins)),
     color="#9b6ad6"))
@@ -66,7 +66,7 @@ LLM = register(ModuleSpec(
 DIT = register(ModuleSpec(
     "dit", GENERATOR, "dip_jax.models.builtin:DIT",
     items=lambda meta, cfg: clips(meta.video_seconds, cfg.clip_seconds),
-    capacity=lambda data: data.max_video_clips, layer_tokens=lambda cfg, seq_len: cfg.tokens_per_clip,
+    capacity=lambda data, cfg: data.max_video_clips, layer_tokens=lambda cfg, seq_len: cfg.tokens_per_clip,
     embed_params=lambda cfg, d: cfg.embed_params(d), head_params=lambda cfg, d: cfg.head_params(),
     layer_extra_params=lambda cfg: attention_params(cfg.dim, cfg.heads, cfg.kv_heads) + 6 * cfg.dim * cfg.dim,
     cross_tokens=lambda cfg: cfg.cond_tokens,

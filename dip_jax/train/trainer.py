@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dip_jax.config import TrainConfig
+from dip_jax.config import ConfigError, TrainConfig
 from dip_jax.data.oversize import OversizeCounts
 from dip_jax.data.packing import Budget
 from dip_jax.data.pipeline import batch_dataset, train_iterator
@@ -133,6 +133,11 @@ def _gb(n: int) -> str:
 def run(cfg: TrainConfig, workdir: str | pathlib.Path) -> dict:
     """Train (resuming from `workdir`'s newest good checkpoint if there is one). Returns the
     summary. Raises RunStopped (with an exit code) when the run is interrupted or must stop."""
+    if cfg.model.extra_modules:
+        # the built-in tasks make samples for the built-in modules only: training would feed the
+        # extra encoder nothing, silently
+        raise ConfigError(f"model.extra_modules: data.task={cfg.data.task!r} brings no inputs for module "
+                          f"{cfg.model.extra_modules[0][0]!r}; train it from your own loop (README: Bring your own module)")
     workdir = pathlib.Path(workdir)
     lead = jax.process_index() == 0
     with Interrupts() as interrupts, workdir_session(cfg, workdir, lead):
