@@ -11,6 +11,8 @@ keeps the models free of anything but their math.
 """
 from __future__ import annotations
 
+import math
+
 from jax.sharding import NamedSharding, PartitionSpec
 
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -118,8 +120,8 @@ def leaf_spec(mesh, path, shape, modules, staged: bool, zero: bool = False) -> P
     for n, dim in zip(state_leaf_names(path, len(shape), modules, staged), shape):
         axis = None if n is None else mesh_axis(n)
         axes = (axis,) if isinstance(axis, str) else tuple(axis or ())
-        ok = bool(axes) and all(a in sizes for a in axes) and dim % _prod(sizes[a] for a in axes) == 0 \
-            and (n == "stage" or _prod(sizes[a] for a in axes) > 1)
+        ok = bool(axes) and all(a in sizes for a in axes) and dim % math.prod(sizes[a] for a in axes) == 0 \
+            and (n == "stage" or math.prod(sizes[a] for a in axes) > 1)
         entries.append(axis if ok else None)
     data_axis = mesh_axis("zero")
     if zero and _is_moment(path) and sizes.get(data_axis, 1) > 1:
@@ -129,11 +131,6 @@ def leaf_spec(mesh, path, shape, modules, staged: bool, zero: bool = False) -> P
     return PartitionSpec(*entries)
 
 
-def _prod(xs) -> int:
-    out = 1
-    for x in xs:
-        out *= x
-    return out
 
 
 def state_specs(mesh, tree, modules, staged: bool, zero: bool = False):
