@@ -14,6 +14,7 @@ from typing import Optional
 BASELINES = ("gpipe", "1f1b", "interleaved_1f1b", "encoders_first")   # static schedules DIP is compared with
 SCHEDULERS = ("dip", *BASELINES)                     # what the executor runs
 SCHEDULES = (*SCHEDULERS, "none")                    # pipeline.schedule: a scheduler or the unpipelined step
+MEMORY_STRATEGIES = ("auto", "recompute", "store")   # pipeline.memory_strategy (dip_jax.plan.memory)
 MODULES = ("vision", "audio", "llm", "dit")
 OVERSIZE = ("truncate", "skip", "error")
 ON_NONFINITE = ("stop", "skip")
@@ -310,6 +311,7 @@ class PipelineConfig:
     schedule: str = "none"
     hardware: str = "cpu"              # cost profile: a shipped name, a .json file, or "auto" (calibrate at start)
     memory_cap_gb: float = 80.0
+    memory_strategy: str = "recompute"  # per op: auto (store what the cap allows) | recompute | store
     search_rollouts: int = 8           # DIP search budget per batch (deterministic)
     step_cache_size: int = 8           # compiled pipeline programs kept (LRU)
     compile_cache_dir: str = ""        # persistent XLA compilation cache shared across runs ("" = off)
@@ -328,6 +330,8 @@ class PipelineConfig:
         _require(self.schedule in SCHEDULES, "pipeline.schedule",
                  f"unknown scheduler {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         _require(self.memory_cap_gb > 0, "pipeline.memory_cap_gb", "must be > 0")
+        _require(self.memory_strategy in MEMORY_STRATEGIES, "pipeline.memory_strategy",
+                 f"unknown memory strategy {self.memory_strategy!r}; choose one of {', '.join(MEMORY_STRATEGIES)}")
         from dip_jax.plan.hardware import available
         _require(self.hardware == "auto" or self.hardware.endswith(".json") or self.hardware in available(),
                  "pipeline.hardware", f"{self.hardware!r} is neither 'auto', a .json profile nor one of "

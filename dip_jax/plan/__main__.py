@@ -1,7 +1,9 @@
 """`python -m dip_jax.plan --config configs/X.py [--metadata FILE.jsonl] [--batches N]
 [--schedulers dip,1f1b,...] [--seed S] [--budget SECONDS] [--rollouts N] [--out DIR]`
 
-Plans N batches with each scheduler, simulates them (lock-step as dip_jax executes, async as in
+Plans N batches with each scheduler (and the memory strategy per op of
+`--config.pipeline.memory_strategy`; "stored": the share of op pairs that keep their residuals),
+simulates them (lock-step as dip_jax executes, async as in
 the paper's runtime), prints a comparison table and writes DIR/plan_report.json plus, for the
 first batch, a timeline PNG and a Chrome/Perfetto trace per scheduler. Pure Python: no jax.
 """
@@ -128,7 +130,8 @@ def summarize(report: dict) -> dict:
                    "bubble": mean(name, "bubble_fraction"), "async_bubble": mean(name, "async_bubble_fraction"),
                    "peak": max(max(b["peak_memory_bytes"]) for b in report["schedulers"][name]["batches"]),
                    "oom": any(b["oom"] for b in report["schedulers"][name]["batches"]),
-                   "plan": mean(name, "plan_seconds")}
+                   "plan": mean(name, "plan_seconds"),
+                   "stored": statistics.fmean(b.get("stored_fraction", 0.0) for b in report["schedulers"][name]["batches"])}
             for name in report["schedulers"]}
 
 
@@ -136,13 +139,14 @@ def format_table(report: dict) -> str:
     s = summarize(report)
     names = list(s)
     head = (f"{'scheduler':16s} {'lock-step s':>11s} {'async s':>9s} {'bubble':>7s} {'async bub':>9s} "
-            f"{'peak GB':>8s} {'OOM':>4s} {'plan s':>7s}  gain (lock-step) vs " + " ".join(f"{n:>10s}" for n in names))
+            f"{'peak GB':>8s} {'OOM':>4s} {'stored':>6s} {'plan s':>7s}  gain (lock-step) vs " + " ".join(f"{n:>10s}" for n in names))
     lines = [head, "-" * len(head)]
     for n in names:
         r = s[n]
         gains = " ".join(f"{100 * (s[o]['iteration'] / r['iteration'] - 1):+9.1f}%" for o in names)
         lines.append(f"{n:16s} {r['iteration']:11.3f} {r['async']:9.3f} {100 * r['bubble']:6.1f}% "
                      f"{100 * r['async_bubble']:8.1f}% {r['peak'] / 1e9:8.1f} {'yes' if r['oom'] else 'no':>4s} "
+                     f"{100 * r['stored']:5.0f}% "
                      f"{r['plan']:7.2f}  {'':19s}{gains}")
     return "\n".join(lines)
 

@@ -37,6 +37,7 @@ class Calibration:
     scale: float = 1.0              # every cost x scale: a real plan's step predicted as measured
     key: dict = dataclasses.field(default_factory=dict)        # what it was measured on
     accuracy: dict = dataclasses.field(default_factory=dict)   # held-out shapes: predicted vs measured
+    residuals: dict = dataclasses.field(default_factory=dict)  # module -> {"units", "a", "b"}: bytes a storing op keeps
 
     def covers(self, module: str) -> bool:
         return module in self.ops
@@ -48,6 +49,15 @@ class Calibration:
             h = self.head[module][kind]
             t += h["a"] + h["b"] * units
         return max(t + self.in_executor.get(module, {}).get(kind, 0.0), 0.0) * self.scale
+
+    def covers_residuals(self, module: str) -> bool:
+        return module in self.residuals
+
+    def residual_bytes(self, module: str, layers: int, units: int) -> float:
+        """Bytes the runtime's storing forward keeps over `layers` layers at `units` units
+        (read off the compiled chunk's residuals: exact, not a timing)."""
+        f = self.residuals[module]
+        return interpolate(f["units"], f["a"], units) + interpolate(f["units"], f["b"], units) * layers
 
     def tick(self) -> float:
         return self.tick_seconds * self.scale

@@ -4,7 +4,8 @@ Latency of a layer = fixed overhead + roofline of its matmuls `max(flops/(a*F), 
 + attention FLOPs at their own efficiency + tensor-parallel all-reduces. A pipeline rank is a
 TP group of `tp` devices: compute and memory are divided by tp, and each layer all-reduces its
 attention and MLP outputs (twice more in backward). Backward = 2x forward; the default memory
-strategy "recompute" adds one more forward and keeps only each chunk's input alive.
+strategy "recompute" adds one more forward and keeps only each chunk's input alive, "store"
+keeps the chunk's residuals instead (calibrated: the residual bytes the runtime's chunks keep).
 """
 from __future__ import annotations
 
@@ -142,14 +143,21 @@ class CostModel:
 
     # -- memory --------------------------------------------------------------------------
     def stored_bytes(self, module: str, layers: int, units: int, strategy: str = "recompute") -> float:
-        """Bytes one forward op leaves alive until its backward."""
+        """Bytes one forward op leaves alive until its backward: its chunk's input under
+        "recompute", the residuals of its chunk under "store" (measured, when calibrated)."""
         if strategy == "recompute":
             return self.boundary_bytes(module, units) / self.tp
+        cal = self.calibration
+        if cal is not None and cal.covers_residuals(module):
+            return cal.residual_bytes(module, layers, units) / self.tp
         return layers * self.layer_work(module, units).act_bytes / self.tp
 
-    def working_bytes(self, module: str, layers: int, units: int) -> float:
-        """Transient peak while a backward op recomputes its chunk."""
-        return layers * self.layer_work(module, units).act_bytes / self.tp
+    def working_bytes(self, module: str, layers: int, units: int, strategy: str = "recompute") -> float:
+        """Transient peak while a backward op recomputes its chunk (the recomputed activations);
+        a backward that applies stored residuals recomputes nothing."""
+        if strategy != "recompute":
+            return 0.0
+        return self.stored_bytes(module, layers, units, "store")
 
     def param_bytes(self, params: float) -> float:
         return STATE_BYTES_PER_PARAM * params / self.tp

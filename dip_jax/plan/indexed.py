@@ -2,8 +2,11 @@
 and the search loop run on (hashing Op dataclasses dominated their time)."""
 from __future__ import annotations
 
-from dip_jax.plan.schedule import B, F, Graph, Op, Plan
+import copy
+from dataclasses import astuple
 from typing import TYPE_CHECKING
+
+from dip_jax.plan.schedule import B, F, Graph, Op, Plan
 
 if TYPE_CHECKING:
     from dip_jax.plan.simulate import Costs
@@ -34,9 +37,29 @@ class Indexed:
         self.static = [costs.static(r) for r in range(self.P)]
         self.tick_overhead = costs.tick_overhead
         self.step_overhead = costs.step_overhead
+        self.stored_ids: frozenset[int] = frozenset()
+
+    def with_stored(self, stored) -> "Indexed":
+        """These ops under the strategy "store" (`stored`: forward ops, as Plan.stored): their
+        backwards' latency and working memory and their own kept bytes change."""
+        ids = frozenset(self.id[op] for op in stored)
+        if ids == self.stored_ids:
+            return self
+        out = copy.copy(self)
+        c = self.costs
+        base = self if not self.stored_ids else Indexed(self.graph, c)
+        out.lat, out.stored, out.working = list(base.lat), list(base.stored), list(base.working)
+        late = c.latency_stored or c.latency
+        for i in ids:
+            j = self.id[Op(B, *astuple(self.ops[i])[1:])]
+            out.stored[i] = c.residual(self.ops[i])
+            out.lat[j], out.working[j] = late(self.ops[j]), c.working_stored(self.ops[j])
+        out.stored_ids = ids
+        return out
 
     def order_ids(self, plan: Plan) -> list[list[int]]:
         return [[self.id[op] for op in ops] for ops in plan.order]
 
     def plan(self, order: list[list[int]], scheduler: str) -> Plan:
-        return Plan(self.graph, tuple(tuple(self.ops[i] for i in r) for r in order), scheduler)
+        return Plan(self.graph, tuple(tuple(self.ops[i] for i in r) for r in order), scheduler,
+                    frozenset(self.ops[i] for i in self.stored_ids))

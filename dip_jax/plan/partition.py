@@ -75,13 +75,15 @@ class ModalityPartition:
         return Graph(self.P, self.modules, subs)
 
     def costs(self, cost: CostModel, model: ModelConfig) -> Costs:
-        lat, stored, working = {}, {}, {}
+        lat, stored, working, lat_st, res = {}, {}, {}, {}, {}
         for m in self.modules:
             n = m.chunks
             for c, L in enumerate(cost.padded_layers(m.layers)):
                 for kind in ("F", "B"):
                     lat[(kind, m.name, c)] = cost.op_seconds(m.name, kind, L, m.unit, c == 0, c == n - 1)
+                lat_st[(m.name, c)] = cost.op_seconds(m.name, "B", L, m.unit, c == 0, c == n - 1, "store")
                 stored[(m.name, c)] = cost.stored_bytes(m.name, L, m.unit)
+                res[(m.name, c)] = cost.stored_bytes(m.name, L, m.unit, "store")
                 working[(m.name, c)] = cost.working_bytes(m.name, L, m.unit)
         p2p = {m.name: cost.p2p_seconds(m.name, m.unit) for m in self.modules}
         static = [0.0] * self.P
@@ -95,7 +97,10 @@ class ModalityPartition:
                      working=lambda op: working[(op.module, op.chunk)],
                      static=lambda r: static[r],
                      tick_overhead=cost.tick_seconds() if cost.calibration is not None else max(p2p.values()),
-                     step_overhead=cost.step_seconds())
+                     step_overhead=cost.step_seconds(),
+                     latency_stored=lambda op: lat_st[(op.module, op.chunk)],
+                     residual=lambda op: res[(op.module, op.chunk)],
+                     working_stored=lambda op: 0.0)
 
 
 PROBED_CANDIDATES = 6

@@ -126,23 +126,31 @@ class Graph:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """One batch's schedule: the graph and each rank's op order (every backward recomputes
-    its chunk's forward; a per-op memory strategy joins the IR when the runtime lowers it)."""
+    """One batch's schedule: the graph, each rank's op order and the memory strategy per op.
+
+    `stored`: the forward ops that keep their chunk's residuals until the backward, which then
+    applies them without recomputing; every other backward recomputes its chunk's forward from
+    the chunk's stashed input (the default: nothing stored)."""
 
     graph: Graph
     order: tuple[tuple[Op, ...], ...]
     scheduler: str = ""
+    stored: frozenset = frozenset()
+
+    def strategy(self, op: Op) -> str:
+        """'store' or 'recompute', of a forward op or the backward of the same chunk."""
+        return "store" if Op(F, op.module, op.chunk, op.mb, op.sub) in self.stored else "recompute"
 
     def to_json(self) -> dict:
         enc = lambda o: [o.kind, o.module, o.chunk, o.mb, o.sub]
         return {"scheduler": self.scheduler, "graph": self.graph.to_json(),
-                "order": [[enc(o) for o in r] for r in self.order]}
+                "order": [[enc(o) for o in r] for r in self.order], "stored": [enc(o) for o in sorted(self.stored)]}
 
     @classmethod
     def from_json(cls, d: dict) -> "Plan":
         dec = lambda x: Op(*x)
         return cls(Graph.from_json(d["graph"]), tuple(tuple(dec(o) for o in r) for r in d["order"]),
-                   d.get("scheduler", ""))
+                   d.get("scheduler", ""), frozenset(dec(o) for o in d.get("stored", ())))
 
     def dumps(self) -> str:
         return json.dumps(self.to_json())

@@ -17,6 +17,7 @@ from dip_jax.data.metadata import SampleMeta
 from dip_jax.plan import hardware
 from dip_jax.plan.baselines import BASELINES, schedule_baseline
 from dip_jax.plan.cost import CostModel
+from dip_jax.plan.memory import Choice, choose
 from dip_jax.plan.partition import (ModalityPartition, backward_modules, dip_partition, megatron_partition,
                                     static_best_partition)
 from dip_jax.plan.schedule import Plan
@@ -39,6 +40,11 @@ class PlanResult:
     plan_seconds: float
     oom: bool
     rollouts: int = 0
+    memory: Choice | None = None
+
+    @property
+    def stored_fraction(self) -> float:
+        return self.memory.fraction if self.memory is not None else 0.0
 
     def record(self) -> dict:
         return {"iteration_seconds": self.lockstep.iteration_seconds,
@@ -48,7 +54,7 @@ class PlanResult:
                 "async_bubble_fraction": self.async_.bubble_fraction,
                 "peak_memory_bytes": [float(x) for x in self.lockstep.peak_memory],
                 "oom": self.oom, "plan_seconds": self.plan_seconds, "ticks": self.lockstep.ticks,
-                "rollouts": self.rollouts}
+                "rollouts": self.rollouts, "stored_fraction": self.stored_fraction}
 
 
 class PlanContext:
@@ -110,9 +116,10 @@ class PlanContext:
 
     def plan(self, microbatches: Sequence[Sequence[SampleMeta]], scheduler: str = "dip", runtime: bool = True,
              budget_seconds: float = 1.0, rollouts: int | None = None, seed: int = 0,
-             workers: int = 1, forward_only: bool = False) -> PlanResult:
+             workers: int = 1, forward_only: bool = False, memory_strategy: str | None = None) -> PlanResult:
         """Plan one replica's microbatches. `forward_only` (evaluation) plans the DIP chunks with
-        no backward ops; it needs `runtime=True`."""
+        no backward ops; it needs `runtime=True`. `memory_strategy` (default: the config's
+        pipeline.memory_strategy) chooses what each op pair stores, once the order is fixed."""
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         t0 = time.perf_counter()
@@ -135,9 +142,10 @@ class PlanContext:
             costs = part.costs(self.cost, self.cfg.model, work)
             plan = schedule_baseline("1f1b" if scheduler == "nnscaler" else scheduler, graph, costs)
             plan = dataclasses.replace(plan, scheduler=scheduler)
+        plan, memory = choose(plan, costs, self.memory_cap, memory_strategy or self.cfg.pipeline.memory_strategy)
         validate(plan)
         elapsed = time.perf_counter() - t0          # planning; the timelines below are reporting
         lock = simulate(plan, costs, "lockstep")
         asy = simulate(plan, costs, "async")
         oom = max(lock.peak_memory) > self.memory_cap
-        return PlanResult(scheduler, plan, costs, lock, asy, elapsed, oom, n_rollouts)
+        return PlanResult(scheduler, plan, costs, lock, asy, elapsed, oom, n_rollouts, memory)

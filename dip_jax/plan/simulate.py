@@ -29,6 +29,11 @@ class Costs:
     static: Callable[[int], float] = lambda rank: 0.0    # weights, grads, optimizer state
     tick_overhead: float = 0.0
     step_overhead: float = 0.0                           # once per step (measured by calibration)
+    # the same for the strategy "store" (Plan.stored): the backward applies the residuals its
+    # forward kept instead of recomputing it
+    latency_stored: Callable[[Op], float] | None = None  # of a B op (default: `latency`)
+    residual: Callable[[Op], float] = lambda op: 0.0     # bytes a storing F op keeps until its B
+    working_stored: Callable[[Op], float] = lambda op: 0.0
 
 
 @dataclasses.dataclass
@@ -156,7 +161,7 @@ def iteration_seconds(ix, order: list[list[int]], mode: str = "lockstep") -> flo
 
 
 def simulate(plan: Plan, costs: Costs, mode: str = "lockstep", ix=None) -> Timeline:
-    ix = ix or Indexed(plan.graph, costs)
+    ix = (ix or Indexed(plan.graph, costs)).with_stored(plan.stored)
     order = ix.order_ids(plan)
     start, end, tick, total = run(ix, order, mode)
     busy = [sum(ix.lat[i] for i in ops) for ops in order]

@@ -6,8 +6,9 @@ slot holds a chunk's input from the end of the tick it arrives in until the back
 reads it; a cotangent slot holds an arriving cotangent until its backward; boundary slots hold a
 microbatch's encoder outputs (rank 0, until the backbone's first-chunk backward), the
 backbone's cotangents for them (rank P-1), the backbone states the generator conditions on
-(rank 0) and the generator's accumulated cotangent for them (rank P-1). Every channel delivers something every tick; what is
-not due lands in the trash slot (the last one). Validation here is the only bounds check: the
+(rank 0) and the generator's accumulated cotangent for them (rank P-1). A forward that stores its residuals (Plan.stored) frees its stash slot when it runs
+and holds a residual slot until its backward. Every channel delivers something every tick; what
+is not due lands in the trash slot (the last one). Validation here is the only bounds check: the
 device code clamps indices silently.
 """
 from __future__ import annotations
@@ -24,8 +25,9 @@ from dip_jax.plan.simulate import Costs, run
 
 # columns of ops[t, rank, :]
 (F_ON, F_MOD, F_V, F_MB, F_SUB, F_IN, F_AUX,
- B_ON, B_MOD, B_V, B_MB, B_SUB, B_IN, B_COT, B_AUX, B_FIRST) = range(16)
-OP_FIELDS = 16
+ B_ON, B_MOD, B_V, B_MB, B_SUB, B_IN, B_COT, B_AUX, B_FIRST,
+ F_STORE, F_RES, B_STORE, B_RES) = range(20)
+OP_FIELDS = 20
 
 
 def bucket(n: int, minimum: int = 2) -> int:
@@ -50,6 +52,10 @@ class Signature:
     cond_slots: int              # backbone states for the generator and their cotangents, per microbatch
     t_max: int
     roles: tuple[str, ...] = ()
+    res_slots: tuple[int, ...] = ()       # residual slots per module (0: no op stores, no buffer)
+
+    def residual_slots(self, module: str) -> int:
+        return self.res_slots[self.modules.index(module)] if self.res_slots else 0
 
     def recv_columns(self) -> dict[str, int]:
         """Column of each receive address in recv[t, rank, :]."""
@@ -126,32 +132,43 @@ def buckets_for(plans: list[Plan]) -> dict:
     mods = ns[0]["stash"]
     return {"stash": {m: bucket(max(n["stash"][m] for n in ns), STASH_MIN) for m in mods},
             "cot": {m: bucket(max(n["cot"][m] for n in ns)) for m in mods},
+            "res": {m: residual_bucket(max(n["res"][m] for n in ns)) for m in mods},
             "boundary": bucket(most("boundary")), "cond": bucket(most("cond")), "t_max": bucket(most("ticks"), 8)}
+
+
+def residual_bucket(n: int) -> int:
+    """Residual slots: none while nothing stores (the recompute-only program has no residual
+    buffers at all), else a power of two."""
+    return bucket(n) if n else 0
 
 
 def widen(a: dict, b: dict) -> dict:
     """The larger of two bucket sets, field by field (so a run's buckets only ever grow)."""
-    return {k: widen(v, b[k]) if isinstance(v, dict) else max(v, b[k]) for k, v in a.items()}
+    return {k: widen(v, b.get(k, {})) if isinstance(v, dict) else max(v, b.get(k, 0)) for k, v in a.items()}
 
 
 def _allocate(plan: Plan, tick: dict[Op, int]):
     g = plan.graph
     P = g.P
     mods = [m.name for m in g.modules]
-    stash, cot = {}, {}
+    stash, cot, res = {}, {}, {}
     for m in g.modules:
         for r in range(P):
-            s_iv, c_iv = [], []
+            s_iv, c_iv, r_iv = [], [], []
             for op, t in tick.items():
                 if op.module != m.name or g.rank(op) != r:
                     continue
+                stores = op.kind == F and op in plan.stored
+                if stores:
+                    r_iv.append((t, tick[Op(B, op.module, op.chunk, op.mb, op.sub)], op))
                 if op.kind == F and op.chunk > 0:
-                    read = tick.get(Op(B, op.module, op.chunk, op.mb, op.sub), t) if m.backward else t
+                    read = t if stores or not m.backward else tick[Op(B, op.module, op.chunk, op.mb, op.sub)]
                     s_iv.append((tick[Op(F, op.module, op.chunk - 1, op.mb, op.sub)], read, op))
                 if op.kind == B and op.chunk < m.chunks - 1:
                     c_iv.append((tick[Op(B, op.module, op.chunk + 1, op.mb, op.sub)], t, op))
             stash[(m.name, r)] = colour(s_iv)
             cot[(m.name, r)] = colour(c_iv)
+            res[(m.name, r)] = colour(r_iv)
     enc, bb, gen = g.encoders, g.backbone, g.generator
     bnd_iv, bcot_iv, cond_iv, hcot_iv = [], [], [], []
     if bb is not None:
@@ -177,34 +194,37 @@ def _allocate(plan: Plan, tick: dict[Op, int]):
     cond, hcot = colour(cond_iv), colour(hcot_iv)
     need = {"stash": {m: max(stash[(m, r)][1] for r in range(P)) for m in mods},
             "cot": {m: max(cot[(m, r)][1] for r in range(P)) for m in mods},
+            "res": {m: max(res[(m, r)][1] for r in range(P)) for m in mods},
             "boundary": max(bnd[1], bcot[1]), "cond": max(cond[1], hcot[1]),
             "ticks": 1 + max(tick.values(), default=-1)}
-    return stash, cot, bnd[0], bcot[0], cond[0], hcot[0], need
+    return stash, cot, res, bnd[0], bcot[0], cond[0], hcot[0], need
 
 
 def lower(plan: Plan, buckets: dict | None = None) -> Table:
-    """Lower a plan. `buckets` (keys stash/cot: {module: n}, boundary, cond, t_max) fixes the
+    """Lower a plan. `buckets` (keys stash/cot/res: {module: n}, boundary, cond, t_max) fixes the
     static sizes; by default each is the next power of two of what the plan needs."""
     validate(plan)
     g = plan.graph
     P = g.P
     tick = ticks_of(plan)
-    stash, cot, bnd, bcot, cond, hcot, need = _allocate(plan, tick)
+    stash, cot, res, bnd, bcot, cond, hcot, need = _allocate(plan, tick)
     mods = tuple(m.name for m in g.modules)
     b = buckets or {}
     sb = tuple(b.get("stash", {}).get(m, bucket(need["stash"][m])) for m in mods)
     cb = tuple(b.get("cot", {}).get(m, bucket(need["cot"][m])) for m in mods)
+    rb = tuple(b.get("res", {}).get(m, residual_bucket(need["res"][m])) for m in mods)
     nb = b.get("boundary", bucket(need["boundary"]))
     nc = b.get("cond", bucket(need["cond"]))
     T = b.get("t_max", bucket(need["ticks"], 8))
     for what, have, want in [*((f"stash slots of {m}", h, need["stash"][m]) for m, h in zip(mods, sb)),
                              *((f"cotangent slots of {m}", h, need["cot"][m]) for m, h in zip(mods, cb)),
+                             *((f"residual slots of {m}", h, need["res"][m]) for m, h in zip(mods, rb)),
                              ("boundary slots", nb, need["boundary"]), ("cond slots", nc, need["cond"]),
                              ("ticks", T, need["ticks"])]:
         if have < want:
             raise ValueError(f"table: the plan needs {want} {what}, the bucket holds {have}")
     sig = Signature(P, mods, tuple(m.chunks // P for m in g.modules), tuple(m.unit for m in g.modules),
-                    tuple(m.backward for m in g.modules), sb, cb, nb, nc, T, tuple(m.role for m in g.modules))
+                    tuple(m.backward for m in g.modules), sb, cb, nb, nc, T, tuple(m.role for m in g.modules), rb)
     cols = sig.recv_columns()
     k_of = {m: i for i, m in enumerate(mods)}
     ops, recv = idle(sig)
@@ -230,8 +250,12 @@ def lower(plan: Plan, buckets: dict | None = None) -> Table:
             aux = cond[op.mb]
         elif m.role == ENCODER and last and op.kind == B:
             aux = bcot[op.mb]
+        f_op = Op(F, op.module, op.chunk, op.mb, op.sub)
+        stores = f_op in plan.stored
+        r_slot = res[(op.module, r)][0].get(f_op, rb[k])
         if op.kind == F:
             ops[t, r, F_ON:F_AUX + 1] = (1, k, v, op.mb, op.sub, s_slot, aux)
+            ops[t, r, F_STORE:F_RES + 1] = (int(stores), r_slot)
             if not last:
                 recv[t, (r + 1) % P, cols[f"f:{op.module}"]] = stash[(op.module, (r + 1) % P)][0][
                     Op(F, op.module, op.chunk + 1, op.mb, op.sub)]
@@ -242,8 +266,10 @@ def lower(plan: Plan, buckets: dict | None = None) -> Table:
                 recv[t, (r + 1) % P, cols["cond"]] = cond[op.mb]
         else:
             c_slot = cot[(op.module, r)][0].get(op, cb[k])
+            s_slot = sb[k] if stores else s_slot         # its residuals replace the stashed input
             ops[t, r, B_ON:B_FIRST + 1] = (1, k, v, op.mb, op.sub, s_slot, c_slot, aux,
                                            int(first_gen_b.get(op.mb) == op))
+            ops[t, r, B_STORE:B_RES + 1] = (int(stores), r_slot)
             if not first:
                 recv[t, (r - 1) % P, cols[f"b:{op.module}"]] = cot[(op.module, (r - 1) % P)][0][
                     Op(B, op.module, op.chunk - 1, op.mb, op.sub)]

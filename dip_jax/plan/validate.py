@@ -6,7 +6,7 @@ the IR itself imports nothing of the planner.
 from __future__ import annotations
 
 from dip_jax.plan.indexed import Indexed
-from dip_jax.plan.schedule import Plan, ScheduleError
+from dip_jax.plan.schedule import F, Op, Plan, ScheduleError
 from dip_jax.plan.simulate import Costs, check_memory, simulate, topological
 
 
@@ -28,6 +28,9 @@ def validate(plan: Plan, costs=None, memory_cap: float | None = None) -> None:
             if g.rank(op) != r:
                 raise ScheduleError("wrong_rank", f"{op} belongs on rank {g.rank(op)}, found on rank {r}")
             seen.add(op)
+    for op in plan.stored:
+        if op.kind != F or op not in expected or not g.module(op.module).backward:
+            raise ScheduleError("strategy", f"{op} cannot store residuals: only forward ops of trained modules have a backward")
     missing = expected - seen
     if missing:
         raise ScheduleError("missing", f"{len(missing)} ops missing, e.g. {min(missing)}")

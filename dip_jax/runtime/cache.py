@@ -13,6 +13,16 @@ class CacheStats:
     hits: int = 0
     compile_seconds: float = 0.0
     evicted: int = 0
+    peak_bytes: float = 0.0         # the largest compiled program's memory per device (see `program_bytes`)
+
+
+def program_bytes(program) -> float:
+    """Per-device memory a compiled program needs: arguments + outputs + temporaries, less the
+    outputs that reuse donated arguments (0 where the backend reports no analysis)."""
+    m = program.memory_analysis()
+    if m is None:
+        return 0.0
+    return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
 class StepCache:
@@ -38,6 +48,7 @@ class StepCache:
         program = self.build(signature).lower(*args).compile()
         self.stats.compile_seconds += time.perf_counter() - t0
         self.stats.compiled += 1
+        self.stats.peak_bytes = max(self.stats.peak_bytes, program_bytes(program))
         self._programs[signature] = program
         if len(self._programs) > self.max_size:
             self._programs.popitem(last=False)

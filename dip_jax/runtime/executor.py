@@ -4,8 +4,10 @@ Per rank: a fori_loop over the traced `n_ticks`; each tick, for every module, on
 while_loop (trip count 0 or 1) for a forward and one for a backward op (the table turns on at
 most one of each), then one packed ppermute to rank+1 (activations, encoder outputs, llm
 states) and one to rank-1 (cotangents), wrapping around, written into table-addressed slots (a
-trash slot when nothing is due). Backward recomputes its chunk under jax.vjp. Indexing is
-dynamic_index / dynamic_update_index only. Data-parallel replicas run their own tables;
+trash slot when nothing is due). The memory strategy is per op, in the table: a backward
+recomputes its chunk under jax.vjp from the stashed input, or, when its forward stored the
+chunk's residuals (the leaves of its vjp function, less the parameters it reads again), applies
+them. Indexing is dynamic_index / dynamic_update_index only. Data-parallel replicas run their own tables;
 gradients are reduced once, after the loop. The runtime holds no scheduling logic.
 
 Boundaries, by the modules' roles: an encoder's last chunk (rank P-1) sends its projected
@@ -47,6 +49,22 @@ def _where(c, a, b):
     return jax.tree.map(lambda x, y: jnp.where(c, x, y), a, b)
 
 
+def split_residuals(pull, params):
+    """A vjp function -> (the leaves to keep, layout). Leaves that are parameters are not kept:
+    the backward reads the parameters again (they do not change within a step)."""
+    leaves, tdef = jax.tree.flatten(pull)
+    p = jax.tree.leaves(params)
+    where = tuple(next((k for k, q in enumerate(p) if leaf is q), None) for leaf in leaves)
+    return [leaf for leaf, w in zip(leaves, where) if w is None], (tdef, where)
+
+
+def join_residuals(kept, layout, params):
+    """The inverse of `split_residuals`: the vjp function, from kept leaves and the parameters."""
+    tdef, where = layout
+    p, rest = jax.tree.leaves(params), iter(kept)
+    return jax.tree.unflatten(tdef, [next(rest) if w is None else p[w] for w in where])
+
+
 def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_reductions: bool = False):
     """spec: runtime.pipeline.ExecSpec (module graphdefs, runtime specs, shapes). Returns the (unjitted) step
 
@@ -69,6 +87,7 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
     unit = dict(zip(mods, sig.units))
     n_chunks = {m: Pn * k for m, k in zip(mods, sig.chunks_per_rank)}
     slots = {m: (s, c) for m, s, c in zip(mods, sig.stash_slots, sig.cot_slots)}
+    nres = {m: sig.residual_slots(m) for m in mods}
     nb, nc = sig.boundary_slots, sig.cond_slots
     encoders, bb, gen = sig.encoders, sig.backbone, sig.generator
     rt = spec.runtime
@@ -136,6 +155,23 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
             return row(bufs["cond"], aux)[cond_index(batch, mb, sub)]
         return None
 
+    def chunk_vjp(m, lp, edge, x, ext, mask, first, last, batch, mb, sub):
+        f = lambda lp, e, x, ex: chunk(m, lp, mask, e, x, ex, first, last, batch, mb, sub)
+        return jax.vjp(f, lp, edge, x, ext)
+
+    def residual_layout(m, lp, edge, x, ext, mask, batch):
+        """(shapes of the kept residuals, their layout) of a chunk of `m`: the same for every
+        chunk and op of the module (the chunk stacks share one shape; first/last are traced)."""
+        layout = {}
+
+        def probe(lp, edge, x, ext, mask, first, last, batch, mb, sub):
+            kept, layout["l"] = split_residuals(chunk_vjp(m, lp, edge, x, ext, mask, first, last, batch, mb, sub)[1],
+                                                (lp, edge))
+            return kept
+        flag, i = jnp.zeros((), bool), jnp.zeros((), jnp.int32)
+        shapes = jax.eval_shape(probe, lp, edge, x, ext, mask, flag, flag, batch, i, i)
+        return shapes, layout["l"]
+
     def per_rank(params, masks, batch, ops, recv, n_ticks):
         stacks = {m: jax.tree.map(lambda a: a[0], params[m]["blocks"]) for m in mods}
         edges = {m: nnx.State({k: v for k, v in params[m].items() if k != "blocks"}) for m in mods}
@@ -155,6 +191,12 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
                 bufs[k] = jnp.zeros((nc + 1, S, D), spec.dtype)
         grads = {"stacks": {m: zeros(stacks[m]) for m in mods if bwd[m]},
                  "edges": {m: zeros(edges[m]) for m in mods if bwd[m]}}
+        layout, bufs["res"] = {}, {}
+        for m in mods:
+            if nres[m]:
+                ext = external(m, bufs, 0, batch, 0, 0)
+                kept, layout[m] = residual_layout(m, take(stacks[m], 0), edges[m], act[m], ext, row(masks[m], 0), batch)
+                bufs["res"][m] = [jnp.zeros((nres[m] + 1, *k.shape), k.dtype) for k in kept]
 
         def position(v, m):
             c = v * Pn + me
@@ -167,6 +209,8 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
             grads = {"stacks": dict(grads["stacks"]), "edges": dict(grads["edges"])}
             # Every buffer read happens here, outside the predicated bodies: a body that reads a
             # buffer written after it would make XLA copy the whole buffer every tick.
+            res_in = {m: take(bufs["res"][m], op[T.B_RES]) for m in bufs["res"]}
+            res = dict(bufs["res"])
             for m in mods:
                 mb, sub, aux, v = op[T.F_MB], op[T.F_SUB], op[T.F_AUX], op[T.F_V]
                 x_in = take(bufs["stash"][m], op[T.F_IN])
@@ -178,11 +222,23 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
                     y, out, l = chunk(m, take(stacks[m], v), row(masks[m], v), edges[m], x_in, ext,
                                       first, last, batch, mb, sub)
                     return go & False, y, out, loss + l
+
+                def fwd_store(c, m=m, x_in=x_in, ext=ext, mb=mb, sub=sub, v=v):
+                    go, _, _, loss, buf = c
+                    first, last = position(v, m)
+                    lp = take(stacks[m], v)
+                    (y, out, l), pull = chunk_vjp(m, lp, edges[m], x_in, ext, row(masks[m], v), first, last,
+                                                  batch, mb, sub)
+                    kept, _ = split_residuals(pull, (lp, edges[m]))
+                    return go & False, y, out, loss + l, [put(B_, op[T.F_RES], k) for B_, k in zip(buf, kept)]
                 out0 = (jnp.zeros(spec.boundary_shape[m], spec.dtype) if m in encoders else
                         act[bb] if m == bb else jnp.zeros((), jnp.float32))
                 go = (op[T.F_ON] == 1) & (op[T.F_MOD] == kid[m])
-                _, y, out, loss = lax.while_loop(lambda c: c[0], fwd, (go, act[m], out0, loss))
-                f_out[m] = (y, out)
+                stores = op[T.F_STORE] == 1
+                _, y, out, loss = lax.while_loop(lambda c: c[0], fwd, (go & ~stores if nres[m] else go, act[m], out0, loss))
+                if nres[m]:     # the buffer is written inside the body: nothing moves when no op stores
+                    _, y, out, loss, res[m] = lax.while_loop(lambda c: c[0], fwd_store, (go & stores, y, out, loss, res[m]))
+                f_out[m] = (y, out, out0)
             for m in mods:
                 if not bwd[m]:
                     continue
@@ -197,11 +253,19 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
                 else:
                     ct_head = None
 
-                def bwd_body(c, m=m, x_in=x_in, ext=ext, ct_in=ct_in, ct_head=ct_head, mb=mb, sub=sub, aux=aux, v=v):
+                def recompute(first, last, m=m, x_in=x_in, ext=ext, mb=mb, sub=sub, v=v):
+                    (y, out, _), pull = chunk_vjp(m, take(stacks[m], v), edges[m], x_in, ext, row(masks[m], v),
+                                                  first, last, batch, mb, sub)
+                    return y, out, pull
+
+                def restore(first, last, m=m, v=v):
+                    pull = join_residuals(res_in[m], layout[m], (take(stacks[m], v), edges[m]))
+                    return act[m], f_out[m][2], pull
+
+                def bwd_body(c, pull_of, m=m, ct_in=ct_in, ct_head=ct_head, mb=mb, sub=sub, aux=aux, v=v):
                     go, _, _, hacc, g_stack, g_edge = c
                     first, last = position(v, m)
-                    f = lambda lp, e, x, ex: chunk(m, lp, row(masks[m], v), e, x, ex, first, last, batch, mb, sub)
-                    (y, out, _), pull = jax.vjp(f, take(stacks[m], v), edges[m], x_in, ext)
+                    y, out, pull = pull_of(first, last)
                     ct_y = _where(last, zeros(y), ct_in)
                     ct_out = jnp.zeros_like(out) if ct_head is None else jnp.where(last, ct_head, 0.0)
                     g_lp, g_e, g_x, g_ext = pull((ct_y, ct_out, jnp.where(last, 1.0, 0.0).astype(jnp.float32)))
@@ -218,9 +282,13 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
                 pay0 = ({e: jnp.zeros(spec.bnd_shape[e], spec.dtype) for e in encoders} if m == bb else
                         bufs["hacc"][0] if m == gen else jnp.zeros((), jnp.float32))
                 go = (op[T.B_ON] == 1) & (op[T.B_MOD] == kid[m])
-                hacc = bufs["hacc"] if m == gen else jnp.zeros((), jnp.float32)   # the only buffer a body writes
-                _, gx, payload, hacc, grads["stacks"][m], grads["edges"][m] = lax.while_loop(
-                    lambda c: c[0], bwd_body, (go, act[m], pay0, hacc, grads["stacks"][m], grads["edges"][m]))
+                stored = op[T.B_STORE] == 1
+                hacc = bufs["hacc"] if m == gen else jnp.zeros((), jnp.float32)   # a buffer a body writes
+                c = (go & ~stored if nres[m] else go, act[m], pay0, hacc, grads["stacks"][m], grads["edges"][m])
+                c = lax.while_loop(lambda c: c[0], lambda c, f=recompute: bwd_body(c, f), c)
+                if nres[m]:
+                    c = lax.while_loop(lambda c: c[0], lambda c, f=restore: bwd_body(c, f), (go & stored, *c[1:]))
+                _, gx, payload, hacc, grads["stacks"][m], grads["edges"][m] = c
                 if m == gen:
                     bufs = {**bufs, "hacc": hacc}
                 b_out[m] = (gx, payload)
@@ -234,6 +302,7 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
                     sent_down["hcot"] = b_out[gen][1]
             up, down = send(sent_up, fwd_perm), send(sent_down, bwd_perm)
             new = dict(bufs)
+            new["res"] = res
             stash, cot = dict(bufs["stash"]), dict(bufs.get("cot", {}))
             for m in mods:
                 stash[m] = jax.tree.map(lambda B_, y: put(B_, rc[cols[f"f:{m}"]], y), stash[m], up["act"][m])

@@ -155,8 +155,12 @@ class PipelineExecutor:
             fit = T.buckets_for(plans)
             buckets = T.widen(fit, self._buckets.get(kind, fit))
             self._buckets[kind] = buckets
+        elif "res" not in buckets:          # sizes given before plans stored residuals: fit the residuals
+            buckets = {**buckets, "res": T.buckets_for(plans)["res"]}
         tabs = [T.lower(p, buckets) for p in plans]
         sig = tabs[0].signature
+        if any(t.signature != sig for t in tabs):
+            raise ValueError("the replicas' tables have different signatures: give buckets for every size")
         ops = np.stack([t.ops for t in tabs])
         recv = np.stack([t.recv for t in tabs])
         return ops, recv, max(t.n_ticks for t in tabs), sig

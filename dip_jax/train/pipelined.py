@@ -49,4 +49,4 @@ class PipelinedStep:
     @property
     def cache_fields(self) -> dict:
         stats = self.executor.cache.stats
-        return {"compiles": stats.compiled, "cache_hits": stats.hits}
+        return {"compiles": stats.compiled, "cache_hits": stats.hits, "compiled_peak_gb": stats.peak_bytes / 1e9}

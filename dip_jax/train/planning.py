@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 import multiprocessing
 import multiprocessing.pool
 import time
@@ -14,6 +15,7 @@ from typing import Sequence
 
 from dip_jax.config import TrainConfig
 from dip_jax.plan.replicas import balance
+from dip_jax.plan.memory import stored_fraction
 from dip_jax.plan.schedule import Plan
 from dip_jax.plan.schedulers import PlanContext
 from dip_jax.plan.simulate import Timeline
@@ -67,7 +69,8 @@ class BatchPlan:
         return {"scheduler": self.scheduler, "predicted_step_seconds": t.iteration_seconds,
                 "lower_bound_seconds": t.lower_bound_seconds, "bubble_fraction": t.bubble_fraction,
                 "plan_seconds": sum(r.plan_seconds for r in self.replicas), "plan_fallback": self.fallback is not None,
-                "plan_fallback_reason": self.fallback, "plan_wait_seconds": self.wait_seconds}
+                "plan_fallback_reason": self.fallback, "plan_wait_seconds": self.wait_seconds,
+                "stored_fraction": statistics.fmean(stored_fraction(r.plan) for r in self.replicas)}
 
 
 def planned_to_json(planned) -> dict:
