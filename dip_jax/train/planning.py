@@ -70,7 +70,8 @@ class BatchPlan:
                 "lower_bound_seconds": t.lower_bound_seconds, "bubble_fraction": t.bubble_fraction,
                 "plan_seconds": sum(r.plan_seconds for r in self.replicas), "plan_fallback": self.fallback is not None,
                 "plan_fallback_reason": self.fallback, "plan_wait_seconds": self.wait_seconds,
-                "stored_fraction": statistics.fmean(stored_fraction(r.plan) for r in self.replicas)}
+                "stored_fraction": statistics.fmean(stored_fraction(r.plan) for r in self.replicas),
+                "predicted_peak_gb": max(max(r.timeline.peak_memory) for r in self.replicas) / 1e9}
 
 
 def planned_to_json(planned) -> dict:

@@ -38,7 +38,7 @@ from dip_jax.train.workdir import workdir_session
 
 PLAN_FIELDS = ("scheduler", "predicted_step_seconds", "prediction_error", "lower_bound_seconds", "bubble_fraction",
                "plan_seconds", "plan_fallback", "plan_fallback_reason", "plan_wait_seconds", "compiles", "cache_hits",
-               "step_compiled", "stored_fraction", "compiled_peak_gb")
+               "step_compiled", "stored_fraction", "predicted_peak_gb", "compiled_peak_gb")
 
 
 def _eval_batch_count(cfg: TrainConfig, probe) -> int:
