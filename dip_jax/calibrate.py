@@ -11,6 +11,7 @@ Two kinds of measurement:
   its recomputed forward, as the executor runs it) on one device, at 1 and 2 layers and at the
   partition's sub-microbatch units and twice them; per module and kind a fixed and a per-layer
   cost at each unit count (interpolated between them), checked on shapes not measured;
+- the bytes a stored op keeps (its chunk's residuals, read off the executor's traced step);
 - the executor itself on the run's mesh, with synthetic tables (`plan/tables.py`: `idle`,
   `busy`): a step of no ticks (the step's fixed cost), idle ticks (the tick's cost: its loop
   and its packed sends between processes), and ticks in which every rank runs one module's op
@@ -190,16 +191,18 @@ def measure_ops(cfg: TrainConfig, units: dict[str, int], backward: dict[str, boo
 
 
 # -- the executor on the run's mesh -------------------------------------------------------
-def measure_runtime(executor, state, arrays: dict, plans: list, ops: dict, head: dict, log=print):
-    """(tick seconds, step seconds, in-executor surcharge per module and kind). `state` is
-    consumed (the step donates it): pass a copy."""
+def measure_runtime(executor, state, arrays: dict, plans: list, ops: dict, head: dict, log=print,
+                    store: bool = False):
+    """(tick seconds, step seconds, in-executor surcharge per module and kind, stored: None or
+    (idle tick of a program with residual slots, per module and kind what a stored op adds
+    against the recompute op in the tick loop)). `state` is consumed (the step donates it)."""
     from dip_jax.plan.calibrated import interpolate
     t0 = time.perf_counter()
     _, _, _, sig = executor.tables(plans)
     host_tables = time.perf_counter() - t0
     D = executor.data
 
-    def run(table, n_ticks):
+    def run(table, n_ticks, sig=sig):
         nonlocal state
         o, r = (np.stack([a] * D) for a in table)
         state, metrics = executor.run_train(state, executor.device_inputs(arrays, o, r, n_ticks), sig)
@@ -226,7 +229,42 @@ def measure_runtime(executor, state, arrays: dict, plans: list, ops: dict, head:
             surcharge[mc.name][kind] = per_tick - tick - pred
             log(f"  {mc.name:<7}{kind}  in the tick loop {(per_tick - tick) * 1e3:8.3f} ms, "
                 f"alone {pred * 1e3:8.3f} ms")
-    return tick, base + host_tables, surcharge
+            surcharge[mc.name][kind + "_tick"] = per_tick - tick
+    stored = None
+    if store:
+        # the same in a program with residual slots, each op also of the strategy "store"
+        rsig = dataclasses.replace(sig, res_slots=tuple(int(b) for b in sig.backward))
+        idle_r = T.idle(rsig)
+        base_r = median_seconds(lambda: run(idle_r, 0, rsig), 5)
+        tick_r = max((median_seconds(lambda: run(idle_r, n, rsig), 5) - base_r) / n, 0.0)
+        delta = {}
+        for mc in part.modules:
+            if not mc.backward:
+                continue
+            delta[mc.name] = {}
+            for kind in KINDS:
+                table = T.busy(rsig, mc.name, kind, store=True)
+                per_tick = (median_seconds(lambda: run(table, n, rsig), 5) - base_r) / n
+                delta[mc.name][kind] = (per_tick - tick_r) - surcharge[mc.name][kind + "_tick"]
+                log(f"  {mc.name:<7}{kind}  stored, in the tick loop {(per_tick - tick_r) * 1e3:8.3f} ms "
+                    f"({delta[mc.name][kind] * 1e3:+.3f} ms against recompute)")
+        log(f"  {tick_r * 1e3:.3f} ms per idle tick with residual slots")
+        stored = (tick_r, delta)
+    for s in surcharge.values():
+        for k in [k for k in s if k.endswith("_tick")]:
+            del s[k]
+    return tick, base + host_tables, surcharge, stored
+
+
+def measure_residuals(executor, state, arrays: dict, plans: list, log=print) -> dict:
+    """Bytes per device one stored op keeps, per module, as the executor's traced step has them
+    (exact, not timed), as a per-layer cost at the partition's unit: the cost model's residual
+    bytes under the strategy "store"."""
+    out = executor.residual_profile(state, arrays, plans)
+    depth = {m.name: max(m.layers) for m in executor.partition.modules}
+    log("  residuals of a stored op: " + ", ".join(f"{m} {f['b'][0] * depth[m] / 2 ** 20:.2f} MiB"
+                                                  for m, f in out.items()))
+    return out
 
 
 def settle(cal: Calibration, executor, state, arrays: dict, plans: list, model_cfg, hw, tp: int,
@@ -249,7 +287,15 @@ def settle(cal: Calibration, executor, state, arrays: dict, plans: list, model_c
     predicted = max(simulate(p, costs, "lockstep").iteration_seconds for p in plans)
     scale = measured / predicted
     log(f"  a real plan: measured {measured * 1e3:.1f} ms, predicted {predicted * 1e3:.1f} ms; costs scaled by {scale:.3f}")
-    return dataclasses.replace(cal, scale=scale)
+    # memory: what the compiled program holds beyond the planner's count of its buffers (XLA's
+    # temporaries, the boundary buffers, the batch and tables), charged to every program
+    from dip_jax.plan.memory import program_bytes as planned_bytes
+    from dip_jax.runtime.cache import program_bytes
+    args = (state, executor.masks, *executor.device_inputs(arrays, ops, recv, n_ticks))
+    compiled = program_bytes(executor.cache.get(("train", sig), *args))
+    counted = max(planned_bytes(p, costs) for p in plans)
+    log(f"  its compiled step holds {compiled / 2 ** 20:.1f} MiB per device, the planner counts {counted / 2 ** 20:.1f} MiB")
+    return dataclasses.replace(cal, scale=scale, program_extra_bytes=max(compiled - counted, 0.0))
 
 
 def calibrate(cfg: TrainConfig, mesh, executor, ctx, log=print) -> Calibration:
@@ -272,9 +318,12 @@ def calibrate(cfg: TrainConfig, mesh, executor, ctx, log=print) -> Calibration:
     log("dip_jax: calibrating: the executor's step, tick and ops in the tick loop")
     state = create_state(cfg, executor.tx, mesh, executor.layouts)
     arrays, plans = reorder(batch.arrays, order), [r.plan for r in replicas]
-    tick, step, surcharge = measure_runtime(executor, state, arrays, plans, ops, head, log)
+    residuals = measure_residuals(executor, state, arrays, plans, log)
+    store = cfg.pipeline.memory_strategy != "recompute"
+    tick, step, surcharge, stored = measure_runtime(executor, state, arrays, plans, ops, head, log, store)
     cal = Calibration(base=ctx.hw.name, ops=ops, head=head, in_executor=surcharge, tick_seconds=tick,
-                      step_seconds=step, key=profile_key(cfg, mesh), accuracy=acc)
+                      step_seconds=step, key=profile_key(cfg, mesh), accuracy=acc, residuals=residuals,
+                      tick_seconds_stored=stored[0] if stored else None, stored_delta=stored[1] if stored else {})
     state = create_state(cfg, executor.tx, mesh, executor.layouts)      # the last one was donated
     cal = settle(cal, executor, state, arrays, plans, cfg.model, ctx.hw, cfg.mesh.tensor, cfg.data.seq_len, log)
     # every process must plan with the same costs: process 0's measurements count
@@ -289,7 +338,7 @@ def profile_key(cfg: TrainConfig, mesh) -> dict:
             "processes": jax.process_count(), "mesh": mesh_shape(mesh),
             "model": model, "seq_len": d.seq_len, "microbatches": d.microbatches,
             "items": [d.max_images, d.max_audio_clips, d.max_video_clips], "frozen": list(cfg.optim.frozen),
-            "base": _base(cfg)}
+            "base": _base(cfg), "stored_ops_measured": cfg.pipeline.memory_strategy != "recompute"}
 
 
 def _base(cfg: TrainConfig) -> str:

@@ -39,6 +39,7 @@ def _args(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--cap-gb", type=float, default=None)
+    ap.add_argument("--runs", default="none,recompute,auto", help="which of: none, recompute, auto (and the cap run)")
     ap.add_argument("--json", default="runs/bench_memory_strategy.json")
     ap.add_argument("--workdir", default="runs/bench_memory_strategy")
     ap.add_argument("--port", type=int, default=12391)
@@ -102,12 +103,17 @@ def main(argv=None) -> int:
     if a.cap_gb is not None:
         runs[f"2 processes, dip, auto, cap {a.cap_gb:g} GB"] = (
             [*pipe, "--config.pipeline.memory_strategy=auto", f"--config.pipeline.memory_cap_gb={a.cap_gb}"], 2)
+    keep = {"none": "1 core, none", "recompute": "2 processes, dip, recompute", "auto": "2 processes, dip, auto"}
+    for k, n in keep.items():
+        if k not in a.runs.split(","):
+            del runs[n]
     names = list(runs)
+    pipelined = [n for n in names if runs[n][1] > 1]
     results: dict = {n: [] for n in names}
     for rep in range(a.repeats):
         order = names[rep % len(names):] + names[:rep % len(names)]
-        if rep == 0:                           # the first pipelined run calibrates: put it first
-            order = [names[1]] + [n for n in order if n != names[1]]
+        if rep == 0 and pipelined:             # the first pipelined run calibrates: put it first
+            order = [pipelined[0]] + [n for n in order if n != pipelined[0]]
         for n in order:
             extra, procs = runs[n]
             t0 = time.perf_counter()
@@ -129,7 +135,7 @@ def main(argv=None) -> int:
         print(f"{n:<40} {med:10.3f}s {ref / med:7.2f}x {stored:>7} {peak:>8} {pred:>9}")
     out = {"config": a.config, "overrides": overrides, "steps": a.steps, "rows": rows}
     if a.cap_gb is not None:
-        capped, free = results[names[-1]][-1], results[names[2]][-1]
+        capped, free = results[names[-1]][-1], results["2 processes, dip, auto"][-1]
         out["cap"] = {"cap_gb": a.cap_gb, "compiled_peak_gb": capped["compiled_peak_gb"],
                       "within": capped["compiled_peak_gb"] is not None and capped["compiled_peak_gb"] <= a.cap_gb,
                       "largest_loss_difference": max(abs(x - y) for x, y in zip(capped["losses"], free["losses"]))}

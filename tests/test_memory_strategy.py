@@ -145,7 +145,7 @@ def test_lowering_stored_ops():
 
 def test_simulation_charges_each_strategy():
     g = small_graph()
-    costs = Costs(latency=lambda op: 1.0 if op.kind == F else 3.0, latency_stored=lambda op: 2.0,
+    costs = Costs(latency=lambda op: 1.0 if op.kind == F else 3.0, latency_stored=lambda op: 1.0 if op.kind == F else 2.0,
                   stored=lambda op: 1.0, residual=lambda op: 5.0, working=lambda op: 4.0)
     plan = random_plan(g, 3)
     pairs = sum(1 for op in g.ops() if op.kind == B)
@@ -162,7 +162,7 @@ def _instance(seed):
     save = {op: rng.uniform(0.2, 1.5) for op in g.ops()}
     res = {op: rng.uniform(1.0, 6.0) for op in g.ops()}
     costs = Costs(latency=lambda op: 1.0 if op.kind == F else 2.0 + save[op],
-                  latency_stored=lambda op: 2.0, stored=lambda op: 1.0,
+                  latency_stored=lambda op: 1.0 if op.kind == F else 2.0, stored=lambda op: 1.0,
                   residual=lambda op: res[op], working=lambda op: 2.0, static=lambda r: 3.0)
     return random_plan(g, seed), costs
 
@@ -205,3 +205,36 @@ def test_choice_extremes_and_modes():
         choose(plan, costs, 1e30, "offload")
     no_store = dataclasses.replace(costs, latency_stored=None)                  # costs of no runtime that stores
     assert choose(plan, no_store, 1e30, "store")[0].stored == frozenset()
+
+
+def test_choice_keeps_the_compiled_buffers_under_the_cap():
+    """For the executor (program=True): the step's slot buffers, power-of-two sized and held for
+    the whole step, fit the cap too."""
+    from dip_jax.plan.memory import program_bytes
+    for seed in range(6):
+        plan, costs = _instance(seed)
+        floor = program_bytes(plan, costs)
+        full = program_bytes(choose(plan, costs, 1e30, "store")[0], costs)
+        assert full > floor
+        for where in (0.3, 0.6):
+            cap = floor + where * (full - floor)
+            chosen, _ = choose(plan, costs, cap, "auto", program=True)
+            assert program_bytes(chosen, costs) <= cap, (seed, where)
+            assert max(simulate(chosen, costs).peak_memory) <= cap * (1 + 1e-9)
+
+
+def test_choice_stores_nothing_when_storing_slows_the_step():
+    plan, costs = _instance(3)
+    assert choose(plan, costs, 1e30, "auto")[0].stored
+    slow = dataclasses.replace(costs, tick_overhead_stored=100.0)     # every tick of a storing program
+    assert choose(plan, slow, 1e30, "auto")[0].stored == frozenset()
+    assert choose(plan, slow, 1e30, "store")[0].stored                 # forced: stored anyway
+
+
+def test_busy_tables_of_stored_ops():
+    plan = store_some(random_plan(small_graph(), 4), random.Random(1), 1.0)
+    sig = T.lower(plan).signature
+    ops, _ = T.busy(sig, "llm", B, store=True)
+    assert (ops[..., T.B_STORE] == 1).all() and (ops[..., T.B_RES] == sig.residual_slots("llm")).all()
+    with pytest.raises(ValueError, match="residual slots"):
+        T.busy(T.lower(random_plan(small_graph(), 4)).signature, "llm", B, store=True)

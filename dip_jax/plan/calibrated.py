@@ -38,6 +38,9 @@ class Calibration:
     key: dict = dataclasses.field(default_factory=dict)        # what it was measured on
     accuracy: dict = dataclasses.field(default_factory=dict)   # held-out shapes: predicted vs measured
     residuals: dict = dataclasses.field(default_factory=dict)  # module -> {"units", "a", "b"}: bytes a storing op keeps
+    stored_delta: dict = dataclasses.field(default_factory=dict)  # module -> kind -> seconds a stored op adds in the tick loop
+    tick_seconds_stored: float | None = None   # an idle tick of a program with residual slots
+    program_extra_bytes: float = 0.0           # a compiled step's bytes per device beyond its counted buffers
 
     def covers(self, module: str) -> bool:
         return module in self.ops
@@ -59,7 +62,9 @@ class Calibration:
         f = self.residuals[module]
         return interpolate(f["units"], f["a"], units) + interpolate(f["units"], f["b"], units) * layers
 
-    def tick(self) -> float:
+    def tick(self, strategy: str = "recompute") -> float:
+        if strategy != "recompute" and self.tick_seconds_stored is not None:
+            return self.tick_seconds_stored * self.scale
         return self.tick_seconds * self.scale
 
     def step(self) -> float:

@@ -50,9 +50,12 @@ class CostModel:
 
     def __init__(self, model: ModelConfig, hw: Hardware, tp: int = 1, seq_len: int = 8192, calibration=None):
         """`calibration`: a `plan.calibrated.Calibration` measured on the running backend; its
-        op, tick and step costs replace the roofline's for the modules it covers."""
+        op, tick and step costs replace the roofline's for the modules it covers. `residuals`
+        (set by whoever has measured them, as `Calibration.residuals`) override the bytes a
+        stored op keeps."""
         self.model, self.hw, self.tp, self.seq_len = model, hw, tp, seq_len
         self.calibration = calibration
+        self.residuals: dict | None = None
         self.bytes = DTYPE_BYTES[model.compute_dtype]
 
     # -- shapes --------------------------------------------------------------------------
@@ -112,8 +115,11 @@ class CostModel:
         cal = self.calibration
         if cal is not None and cal.covers(module):
             t = cal.op_seconds(module, kind, layers, units, last)
-            return t if kind == "F" or strategy == "recompute" else \
-                max(t - cal.op_seconds(module, "F", layers, units, last), 0.0)
+            if strategy == "recompute":
+                return t
+            if module in cal.stored_delta:      # measured in the tick loop against the recompute op
+                return max(t + cal.stored_delta[module][kind] * cal.scale, 0.0)
+            return t if kind == "F" else max(t - cal.op_seconds(module, "F", layers, units, last), 0.0)
         rows = units * self.tokens_per_unit(module)
         fwd = self.seconds(self.layer_work(module, units), rows) * layers + \
             self.seconds(self.extra_work(module, units, first, last), rows)
@@ -122,10 +128,11 @@ class CostModel:
             return fwd
         return 2.0 * fwd + (fwd if strategy == "recompute" else 0.0)
 
-    def tick_seconds(self) -> float:
-        """What a lock-step tick costs beyond its busiest rank's ops (its sends)."""
+    def tick_seconds(self, strategy: str = "recompute") -> float:
+        """What a lock-step tick costs beyond its busiest rank's ops (its sends); "store": in a
+        program with residual slots (measured, when calibrated)."""
         if self.calibration is not None:
-            return self.calibration.tick()
+            return self.calibration.tick(strategy)
         return self.p2p_seconds(specs.with_role(self.model, specs.BACKBONE), 1)
 
     def step_seconds(self) -> float:
@@ -147,9 +154,13 @@ class CostModel:
         "recompute", the residuals of its chunk under "store" (measured, when calibrated)."""
         if strategy == "recompute":
             return self.boundary_bytes(module, units) / self.tp
+        if self.residuals and module in self.residuals:
+            from dip_jax.plan.calibrated import interpolate
+            f = self.residuals[module]
+            return interpolate(f["units"], f["a"], units) + interpolate(f["units"], f["b"], units) * layers
         cal = self.calibration
         if cal is not None and cal.covers_residuals(module):
-            return cal.residual_bytes(module, layers, units) / self.tp
+            return cal.residual_bytes(module, layers, units)          # measured per device
         return layers * self.layer_work(module, units).act_bytes / self.tp
 
     def working_bytes(self, module: str, layers: int, units: int, strategy: str = "recompute") -> float:

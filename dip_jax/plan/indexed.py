@@ -52,9 +52,11 @@ class Indexed:
         late = c.latency_stored or c.latency
         for i in ids:
             j = self.id[Op(B, *astuple(self.ops[i])[1:])]
-            out.stored[i] = c.residual(self.ops[i])
+            out.stored[i], out.lat[i] = c.residual(self.ops[i]), late(self.ops[i])
             out.lat[j], out.working[j] = late(self.ops[j]), c.working_stored(self.ops[j])
         out.stored_ids = ids
+        if ids and c.tick_overhead_stored is not None:
+            out.tick_overhead = c.tick_overhead_stored
         return out
 
     def order_ids(self, plan: Plan) -> list[list[int]]:

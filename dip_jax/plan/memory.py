@@ -21,7 +21,10 @@ better of the two is kept. scipy's milp takes no starting solution, so the greed
 fallback rather than a warm start. Shorter backwards then move later ops earlier, so the plan is
 re-simulated and, where a rank's peak went over the cap, its stored pair with the least saving
 per byte alive at the peak goes back to recompute, until every rank fits (or is at its
-recompute-only peak, which no strategy lowers).
+recompute-only peak, which no strategy lowers). For plans the executor runs, the compiled step's
+buffers are checked too (`program_bytes`). Last, a choice whose simulated step is not faster than
+recompute-only (a program with residual slots pays more per tick, as calibration measures) is
+dropped: the plan recomputes everything.
 """
 from __future__ import annotations
 
@@ -31,8 +34,9 @@ import time
 import numpy as np
 
 from dip_jax.config import MEMORY_STRATEGIES as MODES
+from dip_jax.plan import tables as T
 from dip_jax.plan.indexed import Indexed
-from dip_jax.plan.schedule import B, Op, Plan
+from dip_jax.plan.schedule import B, F, Op, Plan
 from dip_jax.plan.simulate import Costs, run, simulate
 
 GAP = 0.05
@@ -59,9 +63,13 @@ def stored_fraction(plan: Plan) -> float:
     return len(plan.stored) / pairs if pairs else 0.0
 
 
-def choose(plan: Plan, costs: Costs, cap: float, mode: str = "auto") -> tuple[Plan, Choice]:
+def choose(plan: Plan, costs: Costs, cap: float, mode: str = "auto", program: bool = False) -> tuple[Plan, Choice]:
     """`plan` with its memory strategy per op: `mode` "recompute" stores nothing, "store"
-    everything, "auto" what the memory cap allows (see the module docstring)."""
+    everything, "auto" what the memory cap allows (see the module docstring). `program`: the
+    plan will run on the executor, whose buffers hold as many slots as the busiest rank needs,
+    rounded up to a power of two, for the whole step: "auto" also keeps `program_bytes` under
+    the cap (moving the longest-held stored ops of the module with the largest residual buffer
+    back to recompute)."""
     if mode not in MODES:
         raise ValueError(f"unknown memory strategy {mode!r}; choose one of {', '.join(MODES)}")
     ix = Indexed(plan.graph, costs)
@@ -86,6 +94,15 @@ def choose(plan: Plan, costs: Costs, cap: float, mode: str = "auto") -> tuple[Pl
         choice.gap.append(gap)
     stored = frozenset(ix.ops[i] for i in chosen)
     stored, choice.repaired = _repair(plan, costs, stored, cap, ix, full)
+    if program:
+        stored, dropped = _fit_program(plan, costs, stored, cap)
+        choice.repaired += dropped
+    if stored and simulate(dataclasses.replace(plan, stored=stored), costs, "lockstep", ix).iteration_seconds >= \
+            simulate(dataclasses.replace(plan, stored=frozenset()), costs, "lockstep", ix).iteration_seconds:
+        # what the stored ops save does not pay for what storing costs the step (measured:
+        # the residual slots' traffic in every tick): recompute everything
+        choice.repaired += len(stored)
+        stored = frozenset()
     choice.stored = len(stored)
     return dataclasses.replace(plan, stored=stored), choice
 
@@ -273,6 +290,57 @@ def _repair(plan: Plan, costs: Costs, stored: frozenset, cap: float, ix: Indexed
         worst = min(alive, key=lambda op: _density(ix, full, op))
         stored = stored - {worst}
         dropped += 1
+    return stored, dropped
+
+
+def program_bytes(plan: Plan, costs: Costs) -> float:
+    """Per device, what the executor's step for `plan` alone holds: the largest rank's static
+    bytes, its activation, cotangent and residual slot buffers (sized as `tables.lower` sizes
+    them, the trash slot included), the largest recompute transient and, when calibrated, what
+    the compiled step was measured to hold beyond those (XLA's temporaries, boundary buffers,
+    batch and tables: `Costs.program_extra`)."""
+    need = T.needs(plan)
+    g = plan.graph
+    carry = {m.name: 0.0 for m in g.modules}
+    res = dict(carry)
+    working = 0.0
+    for op in g.ops():
+        if op.kind == F:
+            carry[op.module] = max(carry[op.module], costs.stored(op))
+            res[op.module] = max(res[op.module], costs.residual(op))
+        elif Op(F, op.module, op.chunk, op.mb, op.sub) not in plan.stored:
+            working = max(working, costs.working(op))
+    total = max(costs.static(r) for r in range(g.P)) + working + costs.program_extra
+    for m in g.modules:
+        slots = T.bucket(need["stash"][m.name], T.STASH_MIN) + 1
+        if m.backward:
+            slots += T.bucket(need["cot"][m.name]) + 1
+        total += slots * carry[m.name]
+        r = T.residual_bucket(need["res"][m.name])
+        total += (r + 1) * res[m.name] if r else 0.0
+    return total
+
+
+def _fit_program(plan: Plan, costs: Costs, stored: frozenset, cap: float):
+    """Drop stored ops until `program_bytes` fits the cap (or nothing is stored)."""
+    tick = T.ticks_of(plan)
+    held = lambda op: tick[_backward(op)] - tick[op]
+    dropped = 0
+    trial = lambda st: dataclasses.replace(plan, stored=st)
+    while stored and program_bytes(trial(stored), costs) > cap:
+        need = T.needs(trial(stored))["res"]
+        size = {m: max((costs.residual(op) for op in stored if op.module == m), default=0.0) for m in need}
+        m = max(size, key=lambda m: (T.residual_bucket(need[m]) + 1) * size[m] if need[m] else 0.0)
+        half = T.residual_bucket(need[m]) // 2               # the next smaller buffer (none below 2 slots)
+        target = half if half >= 2 else 0
+        mine = sorted((op for op in stored if op.module == m), key=held, reverse=True)
+        fits = lambda k: T.needs(trial(stored - set(mine[:k])))["res"][m] <= target
+        lo, hi = 1, len(mine)                                # the fewest longest-held ops to drop
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+        stored = stored - set(mine[:lo])
+        dropped += lo
     return stored, dropped
 
 

@@ -81,7 +81,7 @@ class ModalityPartition:
             for c, L in enumerate(cost.padded_layers(m.layers)):
                 for kind in ("F", "B"):
                     lat[(kind, m.name, c)] = cost.op_seconds(m.name, kind, L, m.unit, c == 0, c == n - 1)
-                lat_st[(m.name, c)] = cost.op_seconds(m.name, "B", L, m.unit, c == 0, c == n - 1, "store")
+                    lat_st[(kind, m.name, c)] = cost.op_seconds(m.name, kind, L, m.unit, c == 0, c == n - 1, "store")
                 stored[(m.name, c)] = cost.stored_bytes(m.name, L, m.unit)
                 res[(m.name, c)] = cost.stored_bytes(m.name, L, m.unit, "store")
                 working[(m.name, c)] = cost.working_bytes(m.name, L, m.unit)
@@ -98,9 +98,11 @@ class ModalityPartition:
                      static=lambda r: static[r],
                      tick_overhead=cost.tick_seconds() if cost.calibration is not None else max(p2p.values()),
                      step_overhead=cost.step_seconds(),
-                     latency_stored=lambda op: lat_st[(op.module, op.chunk)],
+                     latency_stored=lambda op: lat_st[(op.kind, op.module, op.chunk)],
                      residual=lambda op: res[(op.module, op.chunk)],
-                     working_stored=lambda op: 0.0)
+                     working_stored=lambda op: 0.0,
+                     tick_overhead_stored=cost.tick_seconds("store") if cost.calibration is not None else None,
+                     program_extra=cost.calibration.program_extra_bytes if cost.calibration is not None else 0.0)
 
 
 PROBED_CANDIDATES = 6

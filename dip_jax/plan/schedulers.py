@@ -142,7 +142,8 @@ class PlanContext:
             costs = part.costs(self.cost, self.cfg.model, work)
             plan = schedule_baseline("1f1b" if scheduler == "nnscaler" else scheduler, graph, costs)
             plan = dataclasses.replace(plan, scheduler=scheduler)
-        plan, memory = choose(plan, costs, self.memory_cap, memory_strategy or self.cfg.pipeline.memory_strategy)
+        plan, memory = choose(plan, costs, self.memory_cap, memory_strategy or self.cfg.pipeline.memory_strategy,
+                              program=runtime)
         validate(plan)
         elapsed = time.perf_counter() - t0          # planning; the timelines below are reporting
         lock = simulate(plan, costs, "lockstep")

@@ -31,9 +31,11 @@ class Costs:
     step_overhead: float = 0.0                           # once per step (measured by calibration)
     # the same for the strategy "store" (Plan.stored): the backward applies the residuals its
     # forward kept instead of recomputing it
-    latency_stored: Callable[[Op], float] | None = None  # of a B op (default: `latency`)
+    latency_stored: Callable[[Op], float] | None = None  # of an F or B op of a stored pair (default: `latency`)
     residual: Callable[[Op], float] = lambda op: 0.0     # bytes a storing F op keeps until its B
     working_stored: Callable[[Op], float] = lambda op: 0.0
+    tick_overhead_stored: float | None = None            # a tick of a program with residual slots (default: the same)
+    program_extra: float = 0.0                           # bytes a compiled step holds beyond its counted buffers
 
 
 @dataclasses.dataclass

@@ -159,8 +159,8 @@ def _allocate(plan: Plan, tick: dict[Op, int]):
                 if op.module != m.name or g.rank(op) != r:
                     continue
                 stores = op.kind == F and op in plan.stored
-                if stores:
-                    r_iv.append((t, tick[Op(B, op.module, op.chunk, op.mb, op.sub)], op))
+                if stores:       # held through its backward's tick: that tick's forward writes first
+                    r_iv.append((t, tick[Op(B, op.module, op.chunk, op.mb, op.sub)] + 1, op))
                 if op.kind == F and op.chunk > 0:
                     read = t if stores or not m.backward else tick[Op(B, op.module, op.chunk, op.mb, op.sub)]
                     s_iv.append((tick[Op(F, op.module, op.chunk - 1, op.mb, op.sub)], read, op))
@@ -299,17 +299,23 @@ def idle(sig: Signature) -> tuple[np.ndarray, np.ndarray]:
     return ops, recv
 
 
-def busy(sig: Signature, module: str, kind: str, v: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def busy(sig: Signature, module: str, kind: str, v: int = 0, store: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(ops, recv) in which every rank runs `kind` of its chunk v of `module` on every tick, on
-    trash inputs and into trash outputs: what one op costs inside the tick loop (calibration)."""
+    trash inputs and into trash outputs: what one op costs inside the tick loop (calibration).
+    `store`: the op of the strategy "store" (the signature needs residual slots)."""
     ops, recv = idle(sig)
     k = sig.modules.index(module)
     role = sig.roles[k]
     trash_aux = sig.cond_slots if role == GENERATOR or (role == BACKBONE and kind == B) else sig.boundary_slots
+    if store and not sig.residual_slots(module):
+        raise ValueError(f"{module} has no residual slots in this signature")
+    trash_res = sig.residual_slots(module)
     if kind == F:
         ops[:, :, F_ON:F_AUX + 1] = (1, k, v, 0, 0, sig.stash_slots[k], trash_aux)
+        ops[:, :, F_STORE:F_RES + 1] = (int(store), trash_res)
     else:
         if not sig.backward[k]:
             raise ValueError(f"{module} has no backward ops in this signature")
         ops[:, :, B_ON:B_FIRST + 1] = (1, k, v, 0, 0, sig.stash_slots[k], sig.cot_slots[k], trash_aux, 0)
+        ops[:, :, B_STORE:B_RES + 1] = (int(store), trash_res)
     return ops, recv

@@ -6,8 +6,9 @@ most one of each), then one packed ppermute to rank+1 (activations, encoder outp
 states) and one to rank-1 (cotangents), wrapping around, written into table-addressed slots (a
 trash slot when nothing is due). The memory strategy is per op, in the table: a backward
 recomputes its chunk under jax.vjp from the stashed input, or, when its forward stored the
-chunk's residuals (the leaves of its vjp function, less the parameters it reads again), applies
-them. Indexing is dynamic_index / dynamic_update_index only. Data-parallel replicas run their own tables;
+chunk's residuals (the leaves of its vjp function under jax.checkpoint's `dots_saveable`: the
+matmuls' outputs, less the parameters it reads again), applies them and recomputes only the
+elementwise rest. Indexing is dynamic_index / dynamic_update_index only. Data-parallel replicas run their own tables;
 gradients are reduced once, after the loop. The runtime holds no scheduling logic.
 
 Boundaries, by the modules' roles: an encoder's last chunk (rank P-1) sends its projected
@@ -155,8 +156,10 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
             return row(bufs["cond"], aux)[cond_index(batch, mb, sub)]
         return None
 
-    def chunk_vjp(m, lp, edge, x, ext, mask, first, last, batch, mb, sub):
+    def chunk_vjp(m, lp, edge, x, ext, mask, first, last, batch, mb, sub, store=False):
         f = lambda lp, e, x, ex: chunk(m, lp, mask, e, x, ex, first, last, batch, mb, sub)
+        if store:       # keep the matmuls' outputs, recompute the elementwise rest in the backward
+            f = jax.checkpoint(f, policy=jax.checkpoint_policies.dots_saveable)
         return jax.vjp(f, lp, edge, x, ext)
 
     def residual_layout(m, lp, edge, x, ext, mask, batch):
@@ -165,7 +168,7 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
         layout = {}
 
         def probe(lp, edge, x, ext, mask, first, last, batch, mb, sub):
-            kept, layout["l"] = split_residuals(chunk_vjp(m, lp, edge, x, ext, mask, first, last, batch, mb, sub)[1],
+            kept, layout["l"] = split_residuals(chunk_vjp(m, lp, edge, x, ext, mask, first, last, batch, mb, sub, True)[1],
                                                 (lp, edge))
             return kept
         flag, i = jnp.zeros((), bool), jnp.zeros((), jnp.int32)
@@ -196,6 +199,7 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
             if nres[m]:
                 ext = external(m, bufs, 0, batch, 0, 0)
                 kept, layout[m] = residual_layout(m, take(stacks[m], 0), edges[m], act[m], ext, row(masks[m], 0), batch)
+                step.residual_bytes[m] = sum(k.size * k.dtype.itemsize for k in kept)
                 bufs["res"][m] = [jnp.zeros((nres[m] + 1, *k.shape), k.dtype) for k in kept]
 
         def position(v, m):
@@ -209,7 +213,6 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
             grads = {"stacks": dict(grads["stacks"]), "edges": dict(grads["edges"])}
             # Every buffer read happens here, outside the predicated bodies: a body that reads a
             # buffer written after it would make XLA copy the whole buffer every tick.
-            res_in = {m: take(bufs["res"][m], op[T.B_RES]) for m in bufs["res"]}
             res = dict(bufs["res"])
             for m in mods:
                 mb, sub, aux, v = op[T.F_MB], op[T.F_SUB], op[T.F_AUX], op[T.F_V]
@@ -228,17 +231,21 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
                     first, last = position(v, m)
                     lp = take(stacks[m], v)
                     (y, out, l), pull = chunk_vjp(m, lp, edges[m], x_in, ext, row(masks[m], v), first, last,
-                                                  batch, mb, sub)
-                    kept, _ = split_residuals(pull, (lp, edges[m]))
+                                                  batch, mb, sub, True)
+                    kept = split_residuals(pull, (lp, edges[m]))[0]
                     return go & False, y, out, loss + l, [put(B_, op[T.F_RES], k) for B_, k in zip(buf, kept)]
                 out0 = (jnp.zeros(spec.boundary_shape[m], spec.dtype) if m in encoders else
                         act[bb] if m == bb else jnp.zeros((), jnp.float32))
                 go = (op[T.F_ON] == 1) & (op[T.F_MOD] == kid[m])
                 stores = op[T.F_STORE] == 1
                 _, y, out, loss = lax.while_loop(lambda c: c[0], fwd, (go & ~stores if nres[m] else go, act[m], out0, loss))
-                if nres[m]:     # the buffer is written inside the body: nothing moves when no op stores
+                if nres[m]:
+                    # the body writes its slot of the residual buffer in place; the backward reads
+                    # the buffer only after this loop (a slot is never written and read in one
+                    # tick, tables.py), so nothing else holds it and nothing is copied
                     _, y, out, loss, res[m] = lax.while_loop(lambda c: c[0], fwd_store, (go & stores, y, out, loss, res[m]))
                 f_out[m] = (y, out, out0)
+            res_in = {m: take(res[m], op[T.B_RES]) for m in res}
             for m in mods:
                 if not bwd[m]:
                     continue
@@ -342,4 +349,5 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
                                      S.spec(*S.TABLE), S.spec(*S.TABLE), S.spec(*S.SCALAR)),
                            out_specs=(S.spec(*S.SCALAR), param_specs(grads_like)))
         return fn(params, masks, batch, ops, recv, n_ticks)
+    step.residual_bytes = {}         # per module with residual slots: bytes of one slot per device (set when traced)
     return step

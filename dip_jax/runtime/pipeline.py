@@ -165,6 +165,28 @@ class PipelineExecutor:
         recv = np.stack([t.recv for t in tabs])
         return ops, recv, max(t.n_ticks for t in tabs), sig
 
+    def residual_bytes(self, state: dict, arrays: dict[str, np.ndarray], plans: list[Plan]) -> dict[str, int]:
+        """Per module with backward ops: the bytes one stored op keeps per device (its chunk's
+        residuals less the parameters), read off the traced step (nothing is compiled or run).
+        `state`: the train state (or its shapes); `plans`: any plans of one batch (for shapes)."""
+        fit = T.buckets_for(plans)          # not self.tables: a probe must not widen the run's buckets
+        tabs = [T.lower(p, fit) for p in plans]
+        ops, recv = np.stack([t.ops for t in tabs]), np.stack([t.recv for t in tabs])
+        ticks = max(t.n_ticks for t in tabs)
+        sig = dataclasses.replace(tabs[0].signature, res_slots=tuple(int(b) for b in tabs[0].signature.backward))
+        core = build_step(self.spec, sig, self.mesh, self.packed_channels, self.drop_tensor_reductions)
+        shapes = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), tree)
+        inputs = (self.replica_batch(arrays), ops, recv, np.int32(ticks))
+        jax.eval_shape(core, shapes(state["params"]), self.masks, *inputs)
+        return dict(core.residual_bytes)
+
+    def residual_profile(self, state: dict, arrays: dict[str, np.ndarray], plans: list[Plan]) -> dict:
+        """`residual_bytes` as the cost model reads it (`Calibration.residuals`): per module, bytes
+        per layer at its unit (the executor's chunks are all as deep as the deepest)."""
+        got = self.residual_bytes(state, arrays, plans)
+        return {m.name: {"units": [m.unit], "a": [0.0], "b": [got[m.name] / max(m.layers)]}
+                for m in self.partition.modules if m.name in got}
+
     def value_and_grad(self, params: nnx.State, arrays: dict[str, np.ndarray], plans: list[Plan],
                        buckets: dict | None = None):
         """Loss and model-shaped gradients of the pipelined execution of `plans` (one per

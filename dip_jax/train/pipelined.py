@@ -42,6 +42,14 @@ class PipelinedStep:
         order, plans = self._eval_plans[batch.index]
         return self.executor.stage_loss(params, reorder(batch.arrays, order), plans)
 
+    def residual_profile(self, state) -> dict:
+        """The bytes a stored op keeps per module (`PipelineExecutor.residual_profile`), on the
+        config's first batch (any plan of it: only the shapes count). `state`: shapes suffice."""
+        from dip_jax.data.pipeline import PackedBatches
+        batch = PackedBatches(self.cfg)(0)
+        order, replicas = plan_batch(self.ctx, 0, batch.metadata, "gpipe")
+        return self.executor.residual_profile(state, reorder(batch.arrays, order), [r.plan for r in replicas])
+
     def model_params(self, params):
         """Stage-layout params -> the model layout (greedy decoding runs the unpipelined model)."""
         return self.executor.to_model(params)

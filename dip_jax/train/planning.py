@@ -113,10 +113,11 @@ def reorder(arrays: dict, order: Sequence[int]) -> dict:
 _CTX: PlanContext | None = None
 
 
-def _init_worker(cfg: TrainConfig, partition) -> None:
+def _init_worker(cfg: TrainConfig, partition, residuals) -> None:
     global _CTX
     ignore_interrupts()                      # Ctrl-C reaches the whole process group; the trainer decides
     _CTX = PlanContext(cfg, partition=partition)
+    _CTX.cost.residuals = residuals
 
 
 def _plan_in_worker(step: int, metadata, fault: str | None):
@@ -137,9 +138,10 @@ class Planner:
     on one batch would make every later plan late too.
     """
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, ctx: PlanContext | None = None):
+        """`ctx`: the context to plan with (its partition and measured residuals reach the workers)."""
         self.cfg = cfg
-        self.ctx = PlanContext(cfg)
+        self.ctx = ctx or PlanContext(cfg)
         self.faults = dict(cfg.pipeline.plan_faults)
         self.requests: dict[int, Sequence] = {}
         self.jobs: dict[int, multiprocessing.pool.AsyncResult] = {}
@@ -150,7 +152,7 @@ class Planner:
     def _start(self) -> None:
         # spawn, not fork: the parent runs XLA threads, which fork would copy mid-flight
         self.pool = multiprocessing.get_context("spawn").Pool(self.cfg.pipeline.plan_workers, _init_worker,
-                                                              (self.cfg, self.ctx.partition))
+                                                              (self.cfg, self.ctx.partition, self.ctx.cost.residuals))
         self.jobs = {step: self._send(step, md) for step, md in self.requests.items()}
 
     def _send(self, step: int, metadata: Sequence):

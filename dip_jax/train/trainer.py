@@ -182,9 +182,13 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
         if cfg.pipeline.hardware == "auto":
             from dip_jax.calibrate import resolve_auto
             cfg, measured_on = resolve_auto(cfg, workdir, mesh, model, tx)
-        planner = Planner(cfg) if lead else None        # other processes receive process 0's plans
-        ctx = planner.ctx if planner else PlanContext(cfg)
+        ctx = PlanContext(cfg)
         step_fn = PipelinedStep(cfg, model, mesh, tx, ctx, measured_on)
+        if cfg.pipeline.memory_strategy != "recompute":
+            # what a stored op keeps, exactly, from this executor's traced step: the cap holds
+            # whatever the cost profile guessed
+            ctx.cost.residuals = step_fn.residual_profile(state_shapes(cfg, tx, mesh, step_fn.layouts))
+        planner = Planner(cfg, ctx) if lead else None   # other processes receive process 0's plans
         layouts = step_fn.layouts
     else:
         layouts = model_layouts(cfg)

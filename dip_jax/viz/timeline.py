@@ -1,4 +1,5 @@
-"""Render a simulated plan: ranks x time, modules coloured, backward hatched, bubbles blank.
+"""Render a simulated plan: ranks x time, modules coloured, backward hatched, ops that store
+their residuals (and the backwards that apply them) with a thick outline, bubbles blank.
 
 Pure Python + matplotlib (a bare Figure: no pyplot state, the caller's backend untouched); the
 trace JSON opens in ui.perfetto.dev or chrome://tracing.
@@ -24,7 +25,8 @@ def trace_events(plan, timeline, title: str = "") -> dict:
             s, e = timeline.start[op], timeline.end[op]
             events.append({"name": f"{op.kind} {op.module}[{op.chunk}]", "cat": op.module, "ph": "X", "pid": 0,
                            "tid": r, "ts": s * 1e6, "dur": (e - s) * 1e6,
-                           "args": {"mb": op.mb, "sub": op.sub, "tick": timeline.tick.get(op)}})
+                           "args": {"mb": op.mb, "sub": op.sub, "tick": timeline.tick.get(op),
+                                    "memory": plan.strategy(op)}})
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 
@@ -52,8 +54,9 @@ def write_png(plan, timeline, path, title: str = "", measured_seconds: float | N
         bars = [((timeline.start[o]) * scale, (timeline.end[o] - timeline.start[o]) * scale) for o in ops]
         colors = [_color(o.module) for o in ops]
         hatches = ["//" if o.kind == "B" else "" for o in ops]
-        for (x, w), c, h in zip(bars, colors, hatches):
-            ax.broken_barh([(x, w)], (r - 0.4, 0.8), facecolors=c, edgecolor="black", linewidth=0.2, hatch=h)
+        widths = [1.2 if plan.strategy(o) == "store" else 0.2 for o in ops]
+        for (x, w), c, h, lw in zip(bars, colors, hatches, widths):
+            ax.broken_barh([(x, w)], (r - 0.4, 0.8), facecolors=c, edgecolor="black", linewidth=lw, hatch=h)
     ax.set_yticks(range(P), [f"rank {r}" for r in range(P)])
     ax.invert_yaxis()
     ax.set_xlabel(f"time ({unit})")
@@ -61,9 +64,14 @@ def write_png(plan, timeline, path, title: str = "", measured_seconds: float | N
     handles = [Patch(facecolor=_color(m), label=m) for m in mods]
     handles += [Patch(facecolor="white", edgecolor="black", label="forward"),
                 Patch(facecolor="white", edgecolor="black", hatch="//", label="backward")]
+    if plan.stored:
+        handles.append(Patch(facecolor="white", edgecolor="black", linewidth=1.2, label="stored (no recompute)"))
     ax.legend(handles=handles, loc="upper right", fontsize=7, ncol=len(handles))
     info = (f"{title or plan.scheduler} — {timeline.mode}: {timeline.iteration_seconds * scale:.3g} {unit}, "
             f"bubble {100 * timeline.bubble_fraction:.1f}%")
+    if plan.stored:
+        pairs = sum(1 for ops in plan.order for o in ops if o.kind == "B")
+        info += f", {len(plan.stored)}/{pairs} op pairs stored"
     if measured_seconds is not None:
         info += (f", measured {measured_seconds * scale:.3g} {unit} "
                  f"({prediction_text(timeline, measured_seconds, median_error)})")
