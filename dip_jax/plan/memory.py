@@ -37,7 +37,7 @@ from dip_jax.config import MEMORY_STRATEGIES as MODES
 from dip_jax.plan import tables as T
 from dip_jax.plan.indexed import Indexed
 from dip_jax.plan.schedule import B, F, Op, Plan
-from dip_jax.plan.simulate import Costs, run, simulate
+from dip_jax.plan.simulate import Costs, simulate
 
 GAP = 0.05
 MILP_SECONDS = 0.05              # branch and bound's budget per rank (the greedy result stands when it runs out)
@@ -80,9 +80,11 @@ def choose(plan: Plan, costs: Costs, cap: float, mode: str = "auto", program: bo
     if mode == "store":
         return dataclasses.replace(plan, stored=frozenset(ix.ops[i] for i in pairs)), Choice(len(pairs), len(pairs))
     order = ix.order_ids(plan)
-    start, end, _, _ = run(ix, order, "lockstep")
+    # the recompute-only timeline, simulated once: the choice's events, the repair's floor and
+    # the final comparison all read it
+    none = simulate(dataclasses.replace(plan, stored=frozenset()), costs, "lockstep", ix)
     full = ix.with_stored([ix.ops[i] for i in pairs])
-    arr = _Arrays(ix, full, start, end)
+    arr = _Arrays(ix, full, [none.start[op] for op in ix.ops], [none.end[op] for op in ix.ops])
     choice = Choice(pairs=len(pairs))
     chosen: set[int] = set()
     for r, ids in enumerate(order):
@@ -93,12 +95,12 @@ def choose(plan: Plan, costs: Costs, cap: float, mode: str = "auto", program: bo
         choice.solver.append(solver)
         choice.gap.append(gap)
     stored = frozenset(ix.ops[i] for i in chosen)
-    stored, choice.repaired = _repair(plan, costs, stored, cap, ix, full)
+    stored, choice.repaired = _repair(plan, costs, stored, cap, ix, full, none.peak_memory)
     if program:
         stored, dropped = _fit_program(plan, costs, stored, cap)
         choice.repaired += dropped
     if stored and simulate(dataclasses.replace(plan, stored=stored), costs, "lockstep", ix).iteration_seconds >= \
-            simulate(dataclasses.replace(plan, stored=frozenset()), costs, "lockstep", ix).iteration_seconds:
+            none.iteration_seconds:
         # what the stored ops save does not pay for what storing costs the step (measured:
         # the residual slots' traffic in every tick): recompute everything
         choice.repaired += len(stored)
@@ -271,10 +273,10 @@ def _constraints(lo, hi, at, extra, dwork, E: int):
     return coo_matrix((vals[keep], (rows[keep], cols[keep])), shape=(E, n + E)).tocsr()
 
 
-def _repair(plan: Plan, costs: Costs, stored: frozenset, cap: float, ix: Indexed, full: Indexed):
-    """Re-simulate with `stored`; while a rank's peak exceeds the cap (and its recompute-only
-    peak), move its pair with the least saving per byte alive at the peak back to recompute."""
-    floor = simulate(dataclasses.replace(plan, stored=frozenset()), costs, "lockstep", ix).peak_memory
+def _repair(plan: Plan, costs: Costs, stored: frozenset, cap: float, ix: Indexed, full: Indexed, floor: list):
+    """Re-simulate with `stored`; while a rank's peak exceeds the cap (and `floor`, its
+    recompute-only peak), move its pair with the least saving per byte alive at the peak back to
+    recompute."""
     dropped = 0
     while stored:
         tl = simulate(dataclasses.replace(plan, stored=stored), costs, "lockstep", ix)
