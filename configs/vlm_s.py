@@ -2,7 +2,7 @@
 
 For the planner (python -m dip_jax.plan); far too large to train on a CPU.
 """
-from dip_jax.zoo import paper_config
+from dip_jax.config.zoo import paper_config
 
 
 def get_config():

@@ -36,7 +36,7 @@ from dip_jax.plan.partition import ModalityPartition  # noqa: E402
 from dip_jax.plan.schedule import ModuleChunks               # noqa: E402
 from dip_jax.plan.simulate import Costs                      # noqa: E402
 from dip_jax.plan.workload import workload_from_metadata     # noqa: E402
-from dip_jax.calibrate import median_seconds                 # noqa: E402
+from dip_jax.train.measure import median_seconds                 # noqa: E402
 from dip_jax.runtime.mesh import make_mesh                   # noqa: E402
 from dip_jax.runtime.pipeline import PipelineExecutor        # noqa: E402
 

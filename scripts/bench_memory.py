@@ -31,7 +31,7 @@ import optax                                                 # noqa: E402
 from flax import nnx                                         # noqa: E402
 
 from dip_jax.data.pipeline import PackedBatches              # noqa: E402
-from dip_jax.overrides import apply_overrides, load_config_file  # noqa: E402
+from dip_jax.config.overrides import apply_overrides, load_config_file  # noqa: E402
 from dip_jax.plan.schedulers import PlanContext              # noqa: E402
 from dip_jax.runtime.mesh import make_mesh                   # noqa: E402
 from dip_jax.train.optim import build_optimizer              # noqa: E402

@@ -25,7 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dip_jax.data.stream import PackedStream              # noqa: E402
-from dip_jax.overrides import load_config_file            # noqa: E402
+from dip_jax.config.overrides import load_config_file            # noqa: E402
 from dip_jax.plan.memory import choose                    # noqa: E402
 from dip_jax.plan.schedulers import PlanContext           # noqa: E402
 from dip_jax.plan.simulate import simulate                # noqa: E402

@@ -56,7 +56,7 @@ def _args(argv=None):
 
 
 def _config(a, overrides, pipe: int, schedule: str):
-    from dip_jax.overrides import apply_overrides, load_config_file
+    from dip_jax.config.overrides import apply_overrides, load_config_file
     cfg = apply_overrides(load_config_file(a.config), [o[len("--config."):] for o in overrides])
     return dataclasses.replace(
         cfg, mesh=dataclasses.replace(cfg.mesh, data=1, pipe=pipe),
@@ -72,7 +72,7 @@ def _batches(cfg, n):
 # -- the pipelined processes ----------------------------------------------------------------
 def pipeline_worker(a, overrides) -> dict:
     import jax
-    from dip_jax.calibrate import resolve_auto
+    from dip_jax.train.calibration import resolve_auto
     from dip_jax.plan.schedulers import PlanContext
     from dip_jax.runtime.distributed import broadcast_json
     from dip_jax.runtime.mesh import mesh_for

@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dip_jax.data.pipeline import PackedBatches          # noqa: E402
-from dip_jax.overrides import load_config_file            # noqa: E402
+from dip_jax.config.overrides import load_config_file            # noqa: E402
 from dip_jax.plan.schedulers import PlanContext           # noqa: E402
 
 

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from dip_jax.config import ConfigError
-from dip_jax.overrides import apply_overrides, load_config_file
+from dip_jax.config.overrides import apply_overrides, load_config_file
 from dip_jax.plan import hardware
 from dip_jax.plan.calibrated import Calibration, read
 from dip_jax.plan.schedulers import PlanContext
@@ -82,6 +82,15 @@ def test_hardware_values_are_checked(root, tmp_path):
     bad.write_text(json.dumps({"calibration": 99}))
     with pytest.raises(ValueError, match="not a calibration profile of format 1"):
         hardware.resolve(str(bad))
+
+
+def test_config_names_exactly_the_shipped_profiles(root):
+    """The config checks `pipeline.hardware` against its own list (config imports nothing of the
+    planner); the list and the planner's profile files must stay the same."""
+    from dip_jax.config import HARDWARE_PROFILES
+    assert list(HARDWARE_PROFILES) == hardware.available()
+    for name in HARDWARE_PROFILES:
+        assert hardware.load(name).name
 
 
 def test_sharded_norm_is_optax_norm_with_one_reduction(root):

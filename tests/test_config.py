@@ -4,7 +4,7 @@ import pytest
 
 from conftest import run_cli
 from dip_jax.config import ConfigError, ModelConfig, TrainConfig, VisionConfig
-from dip_jax.overrides import apply_overrides, load_config_file, parse_config_args
+from dip_jax.config.overrides import apply_overrides, load_config_file, parse_config_args
 
 
 @pytest.fixture

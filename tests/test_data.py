@@ -9,7 +9,7 @@ from dip_jax.data.digits import split_indices
 from dip_jax.data.metadata import AUD, IMG, SampleMeta
 from dip_jax.data.packing import Budget, pack_greedy, pack_into_batches
 from dip_jax.data.pipeline import PackedBatches, train_iterator
-from dip_jax.overrides import apply_overrides, load_config_file
+from dip_jax.config.overrides import apply_overrides, load_config_file
 
 BUDGET = Budget(seq_len=128, max_images=8, max_audio_clips=4, max_video_clips=4, tokens_per_image=4,
                 tokens_per_audio_clip=8, audio_clip_seconds=1.0, video_clip_seconds=1.0)

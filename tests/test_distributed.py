@@ -28,7 +28,7 @@ def _train_lines(path):
 
 
 def test_two_processes_match_one(root, tmp_path, xla_cache):
-    from dip_jax.overrides import apply_overrides, load_config_file, parse_config_args
+    from dip_jax.config.overrides import apply_overrides, load_config_file, parse_config_args
     from dip_jax.train.trainer import run
 
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}

@@ -225,7 +225,7 @@ def test_one_collective_per_direction_and_tick(encoders):
 def test_200_dynamic_batches_need_at_most_4_programs(root):
     """DIP plans of 200 synthetic batches (varying image/audio counts) lower to <= 4 signatures,
     i.e. <= 4 compiled programs; the executor compiles one per signature (test above)."""
-    from dip_jax.overrides import load_config_file
+    from dip_jax.config.overrides import load_config_file
     from dip_jax.plan.schedulers import PlanContext
     cfg = load_config_file(root / "configs/tiny_cpu.py")
     ctx = PlanContext(cfg)

@@ -11,8 +11,8 @@ from dip_jax.models.llm import LLM
 from dip_jax.models.lmm import abstract_model, build_model, module_param_counts
 from dip_jax.models.stack import slice_layers
 from dip_jax.models.vit import ViT
-from dip_jax.overrides import load_config_file
-from dip_jax.zoo import PAPER_MODELS
+from dip_jax.config.overrides import load_config_file
+from dip_jax.config.zoo import PAPER_MODELS
 
 VIS = VisionConfig(layers=5, dim=32, mlp_hidden=48, heads=4, kv_heads=2, image_size=16, patch_size=4,
                    channels=3, spatial_merge=2)

@@ -2,7 +2,7 @@
 import pytest
 
 from dip_jax.data.pipeline import PackedBatches
-from dip_jax.overrides import apply_overrides, load_config_file
+from dip_jax.config.overrides import apply_overrides, load_config_file
 from dip_jax.plan.validate import validate
 from dip_jax.train.planning import FALLBACK, Planner
 

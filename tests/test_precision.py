@@ -32,7 +32,7 @@ from dip_jax.plan.simulate import Costs
 from dip_jax.plan.workload import workload_from_metadata
 from dip_jax.runtime.mesh import make_mesh
 from dip_jax.runtime.pipeline import PipelineExecutor
-from dip_jax.zoo import paper_config
+from dip_jax.config.zoo import paper_config
 
 BF16, F32 = jnp.dtype("bfloat16"), jnp.dtype("float32")
 

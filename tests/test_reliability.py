@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT
 from dip_jax.config import ConfigError
-from dip_jax.overrides import apply_overrides, load_config_file
+from dip_jax.config.overrides import apply_overrides, load_config_file
 
 
 @pytest.fixture

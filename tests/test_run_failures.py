@@ -131,7 +131,7 @@ def test_incompatible_config_is_refused_before_config_json_changes(lifecycle, xl
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(lifecycle, tmp_path, corruption, capsys):
     import shutil
     from dip_jax.data.pipeline import train_iterator
-    from dip_jax.overrides import apply_overrides, load_config_file, parse_config_args
+    from dip_jax.config.overrides import apply_overrides, load_config_file, parse_config_args
     from dip_jax.train.checkpoint import Checkpointer
     from dip_jax.train.checkpoint_guard import CheckpointGuard
     from dip_jax.runtime.mesh import make_mesh
@@ -174,7 +174,7 @@ def test_nonfinite_loss_stops_the_run_and_never_checkpoints_nan(tmp_path, xla_ca
     assert f"step {bad[0]}: non-finite loss" in res.stdout
     assert max(_steps(work)) < bad[0]                          # no checkpoint of a non-finite step
     import jax
-    from dip_jax.overrides import apply_overrides, load_config_file, parse_config_args
+    from dip_jax.config.overrides import apply_overrides, load_config_file, parse_config_args
     from dip_jax.train.checkpoint import Checkpointer
     from dip_jax.runtime.mesh import make_mesh
     from dip_jax.train.state import init_state, model_layouts

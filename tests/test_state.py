@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dip_jax.data.pipeline import PackedBatches
-from dip_jax.overrides import apply_overrides, load_config_file
+from dip_jax.config.overrides import apply_overrides, load_config_file
 from dip_jax.plan import tables as T
 from dip_jax.plan.schedulers import PlanContext
 from dip_jax.runtime.mesh import make_mesh

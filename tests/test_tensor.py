@@ -91,7 +91,7 @@ def test_param_rules_name_megatron_axes():
 @pytest.mark.parametrize("key,value", [("model.llm.heads", 3), ("model.vision.kv_heads", 1),
                                        ("model.audio.mlp_hidden", 129), ("model.llm.vocab_size", 255)])
 def test_tensor_must_divide_heads_hidden_and_vocab(root, key, value):
-    from dip_jax.overrides import apply_overrides, load_config_file
+    from dip_jax.config.overrides import apply_overrides, load_config_file
     tiny = load_config_file(root / "configs/tiny_cpu.py")
     apply_overrides(tiny, ["mesh.data=1", "mesh.pipe=2", "mesh.tensor=2"])      # tiny divides evenly
     extra = ["model.llm.dim=72", "model.llm.kv_heads=1"] if key == "model.llm.heads" else []
@@ -132,7 +132,7 @@ def tensor_runs(root, tmp_path_factory, xla_cache):
     """6 steps of tiny_cpu on data=2 x pipe=2 x tensor=2: dip with ZeRO-1 (the default) and the
     unpipelined reference without it, same seed and data."""
     import json
-    from dip_jax.overrides import apply_overrides, load_config_file
+    from dip_jax.config.overrides import apply_overrides, load_config_file
     from dip_jax.train.trainer import run
     tmp = tmp_path_factory.mktemp("tensor_runs")
     out = {}
@@ -161,7 +161,7 @@ def test_trainer_on_every_device_matches_reference_and_learns(tensor_runs):
 def test_zero1_splits_the_optimizer_moments_over_data(root):
     """Per device, the Adam moments fall by the data size; the parameters do not change.
     Negative control: with `optim.shard_state_over_data=false` nothing falls."""
-    from dip_jax.overrides import apply_overrides, load_config_file
+    from dip_jax.config.overrides import apply_overrides, load_config_file
     from dip_jax.plan.schedulers import PlanContext
     from dip_jax.runtime.mesh import make_mesh
     from dip_jax.runtime.stages import StageLayout

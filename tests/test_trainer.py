@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT, run_cli
 from dip_jax.data.pipeline import PackedBatches
-from dip_jax.overrides import apply_overrides, load_config_file
+from dip_jax.config.overrides import apply_overrides, load_config_file
 from dip_jax.runtime.mesh import make_mesh
 from dip_jax.train.state import init_state
 from dip_jax.train.step import loss_fn, put_batch

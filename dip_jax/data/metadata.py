@@ -8,12 +8,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-# token ids shared by every task
-PAD, BOS, EOS, IMG, AUD, QUESTION = 0, 1, 2, 3, 4, 5
-DIGIT0 = 6            # digits 0-9 are 6..15
-ORDINAL0 = 16         # "image #i" markers, 16..31
-N_ORDINALS = 16
-WORD0 = 32            # first free text token
+from dip_jax.specs.tokens import AUD, BOS, DIGIT0, EOS, IMG, N_ORDINALS, ORDINAL0, PAD, QUESTION, WORD0  # noqa: F401
 
 
 BUILTIN_KEYS = ("text_tokens", "images", "audio_seconds", "video_seconds")

@@ -73,7 +73,7 @@ def batches_for(cfg, args):
 
 
 def main(argv=None) -> int:
-    from dip_jax.overrides import apply_overrides, load_config_file, parse_config_args
+    from dip_jax.config.overrides import apply_overrides, load_config_file, parse_config_args
     args, rest = _args(sys.argv[1:] if argv is None else argv)
     try:
         _, _, overrides, unknown = parse_config_args(rest)

@@ -30,6 +30,7 @@ class Hardware:
 
 
 def available() -> list[str]:
+    """The shipped profiles, as files (config.HARDWARE_PROFILES names the same ones)."""
     return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
 
 

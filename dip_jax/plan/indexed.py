@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import astuple
-from typing import TYPE_CHECKING
 
 from dip_jax.plan.schedule import B, F, Graph, Op, Plan
 
-if TYPE_CHECKING:
-    from dip_jax.plan.simulate import Costs
-
 
 class Indexed:
-    def __init__(self, graph: Graph, costs: Costs):
+    def __init__(self, graph: Graph, costs):
+        # costs: a simulate.Costs (the simulator imports this module, so no import back)
         self.graph, self.costs = graph, costs
         self.ops: list[Op] = graph.ops()
         self.id = {op: i for i, op in enumerate(self.ops)}

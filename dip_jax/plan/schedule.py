@@ -162,11 +162,3 @@ def by_rank(graph: Graph, ops: Iterable[Op]) -> tuple[tuple[Op, ...], ...]:
         lists[graph.rank(op)].append(op)
     return tuple(tuple(l) for l in lists)
 
-
-def __getattr__(name: str):
-    # `from dip_jax.plan.schedule import validate` keeps working for code written before
-    # validation moved out; importing this module imports nothing else of the planner
-    if name == "validate":
-        from dip_jax.plan.validate import validate
-        return validate
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

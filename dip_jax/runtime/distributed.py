@@ -1,7 +1,8 @@
 """Several processes, one program: `jax.distributed` set-up and broadcasting plans from process 0.
 
 Every process must run the same compiled program with the same tables (a mismatch hangs in the
-first collective), so only process 0 plans and the others receive its plans, as JSON.
+first collective), so only process 0 plans and the others receive its plans, as JSON: the broadcast carries a
+plain JSON-serialisable payload and knows nothing of what it holds.
 """
 from __future__ import annotations
 
@@ -65,12 +66,3 @@ def broadcast_json(value):
     buf = np.asarray(multihost_utils.broadcast_one_to_all(buf), np.uint8)
     return value if lead else json.loads(buf[:size].tobytes().decode())
 
-
-def broadcast_plan(plan):
-    """Process 0's BatchPlan on every process, as JSON."""
-    import jax
-    if jax.process_count() == 1:
-        return plan
-    from dip_jax.train.planning import BatchPlan
-    data = broadcast_json(plan.to_json() if jax.process_index() == 0 else None)
-    return plan if jax.process_index() == 0 else BatchPlan.from_json(data)

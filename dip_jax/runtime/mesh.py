@@ -33,7 +33,7 @@ def check_devices(cfg: TrainConfig, n_devices: int) -> None:
         raise ConfigError(f"mesh: {_shape(cfg)} needs {cfg.mesh.devices} devices, only {n_devices} available")
     # The unpipelined step (and greedy decoding) shards microbatches over the data x pipe
     # devices of the mesh (each a tensor group); pipelined schedules only split them over the data
-    # replicas (checked in config.py).
+    # replicas (checked in config/train_config.py).
     unpipelined = cfg.pipeline.schedule == "none"
     groups = cfg.mesh.data * cfg.mesh.pipe
     if (unpipelined or cfg.data.task == "digits") and cfg.data.microbatches % groups:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from dip_jax.config import attention_params
-from dip_jax.data.metadata import AUD, IMG
-from dip_jax.specs import BACKBONE, ENCODER, GENERATOR, EncoderItems, ModuleSpec, clips, register
+from dip_jax.specs.params import attention_params
+from dip_jax.specs.registry import BACKBONE, ENCODER, GENERATOR, EncoderItems, ModuleSpec, clips, register
+from dip_jax.specs.tokens import AUD, IMG
 
 
 def noise_for(seed: int, sample_id: int, clip: int, shape) -> tuple[np.ndarray, np.float32]:

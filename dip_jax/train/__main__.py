@@ -40,7 +40,7 @@ def _distributed_args(rest: list[str]) -> tuple[dict, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     from dip_jax.config import ConfigError
-    from dip_jax.overrides import apply_overrides, load_config_file, parse_config_args
+    from dip_jax.config.overrides import apply_overrides, load_config_file, parse_config_args
 
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 def _help(argv: list[str]) -> int:
     """Usage, then every config key with its value (the given --config's, else the defaults)."""
     from dip_jax.config import ConfigError, TrainConfig
-    from dip_jax.overrides import describe, load_config_file, parse_config_args
+    from dip_jax.config.overrides import describe, load_config_file, parse_config_args
     print(USAGE)
     try:
         path = parse_config_args([a for a in argv if a not in ("-h", "--help")])[0]

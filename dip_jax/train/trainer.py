@@ -21,7 +21,7 @@ from dip_jax.config import ConfigError, TrainConfig
 from dip_jax.data.oversize import OversizeCounts
 from dip_jax.data.packing import Budget
 from dip_jax.data.pipeline import batch_dataset, train_iterator
-from dip_jax.runtime.distributed import broadcast_plan
+from dip_jax.runtime.distributed import broadcast_json
 from dip_jax.runtime.mesh import mesh_for, mesh_shape
 from dip_jax.train.checkpoint import Checkpointer
 from dip_jax.train.checkpoint_guard import CheckpointGuard
@@ -31,6 +31,7 @@ from dip_jax.train.interrupt import Interrupts
 from dip_jax.train.metrics import MetricsWriter, RunStats, read_records
 from dip_jax.train.nonfinite import NonfiniteMonitor
 from dip_jax.train.optim import build_optimizer
+from dip_jax.train.planning import BatchPlan
 from dip_jax.train.preflight import check_state_fits
 from dip_jax.train.state import abstract_model, count_params, create_state, model_layouts, state_bytes, state_shapes
 from dip_jax.train.step import make_eval_loss, make_logits_fn, make_train_step, put_batch
@@ -105,8 +106,16 @@ class BatchFeed:
             plan = None
             if self.pipelined:
                 plan = self.planner.get(step, batch.metadata) if self.planner is not None else None
-                plan = broadcast_plan(plan)
+                plan = _from_lead(plan)
             yield step, batch, data_state, plan
+
+
+def _from_lead(plan: BatchPlan | None) -> BatchPlan:
+    """Process 0's plan on every process (the others plan nothing), as JSON."""
+    if jax.process_count() == 1:
+        return plan
+    data = broadcast_json(plan.to_json() if jax.process_index() == 0 else None)
+    return plan if jax.process_index() == 0 else BatchPlan.from_json(data)
 
 
 def _wants_timeline(cfg: TrainConfig, step: int, start: int) -> bool:
@@ -180,7 +189,7 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
         from dip_jax.train.planning import Planner
         measured_on = None
         if cfg.pipeline.hardware == "auto":
-            from dip_jax.calibrate import resolve_auto
+            from dip_jax.train.calibration import resolve_auto
             cfg, measured_on = resolve_auto(cfg, workdir, mesh, model, tx)
         ctx = PlanContext(cfg)
         step_fn = PipelinedStep(cfg, model, mesh, tx, ctx, measured_on)

@@ -9,7 +9,8 @@ import sys
 import types
 import typing
 
-from dip_jax.config import ConfigError, TrainConfig, deferred_checks, with_overrides
+from dip_jax.config.checks import ConfigError, deferred_checks
+from dip_jax.config.train_config import TrainConfig, with_overrides
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}

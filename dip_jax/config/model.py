@@ -1,0 +1,233 @@
+"""Model configs: one frozen dataclass per module type and their composition, with the analytic
+parameter counts the planner's cost model reads (pure Python)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from dip_jax import specs
+from dip_jax.config.checks import positive, require
+from dip_jax.specs.params import attention_params, projector_params, swiglu_params
+
+MODULES = ("vision", "audio", "llm", "dit")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    layers: int = 2
+    dim: int = 64
+    mlp_hidden: int = 128
+    heads: int = 4
+    kv_heads: int = 4
+
+    def _check(self, prefix: str) -> None:
+        positive(self, prefix, "layers", "dim", "mlp_hidden", "heads", "kv_heads")
+        require(self.dim % self.heads == 0, f"{prefix}.dim", f"{self.dim} not divisible by heads={self.heads}")
+        require(self.heads % self.kv_heads == 0, f"{prefix}.kv_heads",
+                f"heads={self.heads} not divisible by kv_heads={self.kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    def block_params(self) -> int:
+        """Pre-norm transformer block: 2 RMSNorm + attention + SwiGLU."""
+        return 2 * self.dim + attention_params(self.dim, self.heads, self.kv_heads) + swiglu_params(
+            self.dim, self.mlp_hidden)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig(BlockConfig):
+    image_size: int = 16
+    patch_size: int = 4
+    channels: int = 3
+    spatial_merge: int = 2
+
+    def check(self, prefix: str = "model.vision") -> None:
+        self._check(prefix)
+        positive(self, prefix, "image_size", "patch_size", "channels", "spatial_merge")
+        require(self.image_size % self.patch_size == 0, f"{prefix}.patch_size",
+                f"image_size={self.image_size} not divisible by patch_size={self.patch_size}")
+        require(self.patches_per_side % self.spatial_merge == 0, f"{prefix}.spatial_merge",
+                f"{self.patches_per_side} patches per side not divisible by {self.spatial_merge}")
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def patches(self) -> int:
+        return self.patches_per_side ** 2
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.patches // self.spatial_merge ** 2
+
+    def embed_params(self) -> int:
+        return self.patch_size ** 2 * self.channels * self.dim + self.dim + self.patches * self.dim
+
+    def head_params(self, out_dim: int) -> int:
+        return self.dim + projector_params(self.spatial_merge ** 2 * self.dim, out_dim)
+
+    def param_count(self, out_dim: int) -> int:
+        return self.embed_params() + self.layers * self.block_params() + self.head_params(out_dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioConfig(BlockConfig):
+    mel_bins: int = 16
+    frames_per_second: int = 32
+    clip_seconds: float = 1.0
+    conv_kernel: int = 3
+
+    def check(self, prefix: str = "model.audio") -> None:
+        self._check(prefix)
+        positive(self, prefix, "mel_bins", "frames_per_second", "clip_seconds", "conv_kernel")
+        require(self.frames_per_clip % 4 == 0, f"{prefix}.frames_per_second",
+                f"frames per clip ({self.frames_per_clip}) must be divisible by the 4x conv subsampling")
+
+    @property
+    def frames_per_clip(self) -> int:
+        return int(round(self.frames_per_second * self.clip_seconds))
+
+    @property
+    def tokens_per_clip(self) -> int:
+        return self.frames_per_clip // 4
+
+    def embed_params(self) -> int:
+        k = self.conv_kernel
+        return (k * self.mel_bins * self.dim + self.dim) + (k * self.dim * self.dim + self.dim) + \
+            self.tokens_per_clip * self.dim
+
+    def head_params(self, out_dim: int) -> int:
+        return self.dim + projector_params(self.dim, out_dim)
+
+    def param_count(self, out_dim: int) -> int:
+        return self.embed_params() + self.layers * self.block_params() + self.head_params(out_dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig(BlockConfig):
+    vocab_size: int = 256
+    rope_theta: float = 10000.0
+
+    def check(self, prefix: str = "model.llm") -> None:
+        self._check(prefix)
+        positive(self, prefix, "vocab_size", "rope_theta")
+        require(self.head_dim % 2 == 0, f"{prefix}.heads", f"head_dim={self.head_dim} must be even for RoPE")
+
+    def embed_params(self) -> int:
+        return self.vocab_size * self.dim
+
+    def head_params(self) -> int:
+        return self.dim + self.dim * self.vocab_size
+
+    def param_count(self) -> int:
+        return self.embed_params() + self.layers * self.block_params() + self.head_params()
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig(BlockConfig):
+    latent_channels: int = 8
+    latent_frames_per_second: int = 4
+    tokens_per_frame: int = 4
+    clip_seconds: float = 1.0
+    cond_tokens: int = 16
+    time_embed_dim: int = 64
+
+    def check(self, prefix: str = "model.dit") -> None:
+        self._check(prefix)
+        positive(self, prefix, "latent_channels", "latent_frames_per_second", "tokens_per_frame",
+                 "clip_seconds", "cond_tokens", "time_embed_dim")
+        require(self.time_embed_dim % 2 == 0, f"{prefix}.time_embed_dim", "must be even")
+
+    @property
+    def tokens_per_clip(self) -> int:
+        return int(round(self.latent_frames_per_second * self.clip_seconds)) * self.tokens_per_frame
+
+    def block_params(self) -> int:
+        """adaLN-modulated block: self-attention, cross-attention to the llm condition, SwiGLU."""
+        d = self.dim
+        return (d * 6 * d + 6 * d) + d + 2 * attention_params(d, self.heads, self.kv_heads) + \
+            swiglu_params(d, self.mlp_hidden)
+
+    def embed_params(self, cond_dim: int) -> int:
+        d = self.dim
+        return (self.latent_channels * d + d) + self.tokens_per_clip * d + \
+            (self.time_embed_dim * d + d + d * d + d) + (cond_dim * d + d)
+
+    def head_params(self) -> int:
+        d = self.dim
+        return (d * 2 * d + 2 * d) + (d * self.latent_channels + self.latent_channels)
+
+    def param_count(self, cond_dim: int) -> int:
+        return self.embed_params(cond_dim) + self.layers * self.block_params() + self.head_params()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: str = "tiny"
+    vision: Optional[VisionConfig] = VisionConfig()
+    audio: Optional[AudioConfig] = AudioConfig()
+    llm: LLMConfig = LLMConfig()
+    dit: Optional[DiTConfig] = None
+    dit_loss_weight: float = 1.0
+    # what matmuls and the activations between pipeline stages run in; parameters, optimizer
+    # state, softmax and losses stay float32 either way
+    compute_dtype: str = "float32"
+    # configs of module types registered with dip_jax.specs.register: ((name, config), ...)
+    extra_modules: tuple = ()
+
+    def check(self) -> None:
+        for name in MODULES:
+            sub = getattr(self, name)
+            if sub is not None:
+                sub.check(f"model.{name}")
+        require(self.llm is not None, "model.llm", "the llm backbone is required")
+        seen = set()
+        for entry in self.extra_modules:
+            require(isinstance(entry, tuple) and len(entry) == 2, "model.extra_modules",
+                    f"entries are (name, config) pairs, got {entry!r}")
+            name, sub = entry
+            require(name not in MODULES and name not in seen, "model.extra_modules", f"module {name!r} given twice")
+            seen.add(name)
+            require(name in specs.registered(), "model.extra_modules",
+                    f"no module spec {name!r} is registered (dip_jax.specs.register)")
+            require(specs.get(name).role == specs.ENCODER, f"model.extra_modules.{name}",
+                    "only encoders can be added (the model has one backbone and at most one generator)")
+            if hasattr(sub, "check"):
+                sub.check(f"model.extra_modules.{name}")
+        require(self.dit_loss_weight >= 0, "model.dit_loss_weight", "must be >= 0")
+        require(self.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype",
+                f"unknown dtype {self.compute_dtype!r}; choose float32 or bfloat16")
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """Present modules in graph order: encoders (built-in, then extra) -> llm -> dit."""
+        names = [m for m in MODULES if getattr(self, m) is not None] + [n for n, _ in self.extra_modules]
+        return specs.graph_order(names)
+
+    def module(self, name: str):
+        """The config of module `name` (built-in field or extra module)."""
+        if name in MODULES:
+            return getattr(self, name)
+        for n, sub in self.extra_modules:
+            if n == name:
+                return sub
+        raise KeyError(f"model has no module {name!r}")
+
+    def with_modules(self, subs: dict) -> "ModelConfig":
+        """A copy with the configs of the modules in `subs` replaced."""
+        extra = tuple((n, subs.get(n, c)) for n, c in self.extra_modules)
+        return dataclasses.replace(self, extra_modules=extra, **{k: v for k, v in subs.items() if k in MODULES})
+
+    @property
+    def width(self) -> int:
+        """The backbone's hidden width: what encoders project into, what the generator reads."""
+        return self.llm.dim
+
+    def module_param_count(self, name: str) -> int:
+        return specs.get(name).param_count(self.module(name), self.width)
+
+    def param_count(self) -> int:
+        return sum(self.module_param_count(m) for m in self.modules)

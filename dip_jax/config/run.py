@@ -1,0 +1,163 @@
+"""The run sections of a config: mesh, pipeline, data, optimizer, training loop, checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+
+from dip_jax.config.checks import positive, require
+from dip_jax.config.model import MODULES
+
+BASELINES = ("gpipe", "1f1b", "interleaved_1f1b", "encoders_first")   # static schedules DIP is compared with
+SCHEDULERS = ("dip", *BASELINES)                     # what the executor runs
+SCHEDULES = (*SCHEDULERS, "none")                    # pipeline.schedule: a scheduler or the unpipelined step
+MEMORY_STRATEGIES = ("auto", "recompute", "store")   # pipeline.memory_strategy (dip_jax.plan.memory)
+# the cost profiles the planner ships (dip_jax/plan/profiles/NAME.json; a test keeps the two equal)
+HARDWARE_PROFILES = ("cpu", "h100", "h800", "tpu_v5e")
+OVERSIZE = ("truncate", "skip", "error")
+ON_NONFINITE = ("stop", "skip")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1
+    pipe: int = 1
+    tensor: int = 1   # devices per pipeline rank: each chunk's layers are split over them (Megatron-style)
+
+    def check(self) -> None:
+        positive(self, "mesh", "data", "pipe", "tensor")
+
+    @property
+    def devices(self) -> int:
+        return self.data * self.pipe * self.tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    schedule: str = "none"
+    hardware: str = "cpu"              # cost profile: a shipped name, a .json file, or "auto" (calibrate at start)
+    memory_cap_gb: float = 80.0
+    memory_strategy: str = "recompute"  # per op: auto (store what the cap allows) | recompute | store
+    search_rollouts: int = 8           # DIP search budget per batch (deterministic)
+    step_cache_size: int = 8           # compiled pipeline programs kept (LRU)
+    compile_cache_dir: str = ""        # persistent XLA compilation cache shared across runs ("" = off)
+    plan_workers: int = 1              # background planner processes (0 = plan inline, in the step loop)
+    plan_ahead: int = 2                # batches planned ahead of the one running
+    plan_deadline_seconds: float = 10.0  # longest wait for a plan before the interleaved-1F1B fallback
+    plan_faults: tuple = ()            # ((step, "raise" | "late"), ...): make the planner fail, to test fallback
+
+    def check(self) -> None:
+        positive(self, "pipeline", "search_rollouts", "step_cache_size", "plan_ahead", "plan_deadline_seconds")
+        require(self.plan_workers >= 0, "pipeline.plan_workers", f"must be >= 0, got {self.plan_workers!r}")
+        for fault in self.plan_faults:
+            require(isinstance(fault, tuple) and len(fault) == 2 and isinstance(fault[0], int)
+                    and fault[1] in ("raise", "late"), "pipeline.plan_faults",
+                    f"entries are (step, 'raise' | 'late'), got {fault!r}")
+        require(self.schedule in SCHEDULES, "pipeline.schedule",
+                f"unknown scheduler {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        require(self.memory_cap_gb > 0, "pipeline.memory_cap_gb", "must be > 0")
+        require(self.memory_strategy in MEMORY_STRATEGIES, "pipeline.memory_strategy",
+                f"unknown memory strategy {self.memory_strategy!r}; choose one of {', '.join(MEMORY_STRATEGIES)}")
+        require(self.hardware == "auto" or self.hardware.endswith(".json") or self.hardware in HARDWARE_PROFILES,
+                "pipeline.hardware", f"{self.hardware!r} is neither 'auto', a .json profile nor one of "
+                f"{', '.join(HARDWARE_PROFILES)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    task: str = "synthetic"            # synthetic | digits
+    seq_len: int = 128
+    microbatches: int = 8              # packed microbatches per global batch (all replicas)
+    max_images: int = 8                # image slots per microbatch
+    max_audio_clips: int = 4           # audio clip slots per microbatch
+    max_video_clips: int = 4           # video clip slots per microbatch
+    seed: int = 0
+    prefetch: int = 2
+    # synthetic mixture (weights need not sum to 1) and its shape parameters
+    mix_caption: float = 0.4
+    mix_interleaved: float = 0.3
+    mix_audio: float = 0.15
+    mix_video: float = 0.15
+    caption_tokens_per_image: float = 16.0
+    interleaved_tokens_per_image_median: float = 24.0
+    interleaved_tokens_per_image_sigma: float = 1.2
+    interleaved_max_images: int = 6
+    video_seconds_max: float = 16.0
+    audio_seconds_max: float = 4.0
+    # digits task
+    digits_max_images: int = 8
+    eval_samples: int = 512
+    # a sample that cannot fit one microbatch even alone: cut to fit (as LLaVA and Megatron cut
+    # to the maximum sequence length), drop it, or stop with an error naming it
+    oversize: str = "truncate"
+
+    def check(self) -> None:
+        require(self.task in ("synthetic", "digits"), "data.task",
+                f"unknown task {self.task!r}; choose synthetic or digits")
+        require(self.oversize in OVERSIZE, "data.oversize",
+                f"unknown policy {self.oversize!r}; choose one of {', '.join(OVERSIZE)}")
+        positive(self, "data", "seq_len", "microbatches", "prefetch", "eval_samples")
+        for n in ("max_images", "max_audio_clips", "max_video_clips", "digits_max_images"):
+            require(getattr(self, n) >= 0, f"data.{n}", "must be >= 0")
+        for n in ("mix_caption", "mix_interleaved", "mix_audio", "mix_video"):
+            require(getattr(self, n) >= 0, f"data.{n}", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-3
+    warmup_steps: int = 10
+    schedule: str = "cosine"           # cosine | constant
+    end_lr_fraction: float = 0.1
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.98
+    grad_clip: float = 1.0
+    # (module, multiplier) pairs, e.g. (("vision", 0.5),); a module listed in `frozen` gets none
+    lr_multipliers: tuple = ()
+    frozen: tuple = ()
+    # ZeRO-1: a pipelined run's Adam moments split over the data replicas (each replica updates
+    # its share; the update gathers what it needs); has an effect only when mesh.data > 1
+    shard_state_over_data: bool = True
+
+    def check(self) -> None:
+        require(self.lr > 0, "optim.lr", "must be > 0")
+        require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        require(self.schedule in ("cosine", "constant"), "optim.schedule", "choose cosine or constant")
+        require(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables)")
+        for item in self.lr_multipliers:
+            require(isinstance(item, tuple) and len(item) == 2 and item[0] in MODULES
+                    and isinstance(item[1], (int, float)), "optim.lr_multipliers",
+                    f"entries are (module, multiplier) with module in {MODULES}; got {item!r}")
+        for m in self.frozen:
+            require(m in MODULES, "optim.frozen", f"unknown module {m!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    steps: int = 100
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0                # 0 = only at the end (if the task has an eval)
+    progress: bool = True
+    timeline_every: int = 100          # write DIR/timelines/step_N.* every this many steps (0 = never) ...
+    timeline_first: int = 2            # ... and for the first steps of a run
+    # a step whose loss or gradient norm is not finite never updates the state; "stop" ends the
+    # run (exit code 1) after `max_nonfinite_steps` such steps in a row, "skip" keeps going
+    on_nonfinite: str = "stop"
+    max_nonfinite_steps: int = 3
+
+    def check(self) -> None:
+        positive(self, "train", "steps", "log_every", "max_nonfinite_steps")
+        for name in ("eval_every", "timeline_every", "timeline_first"):
+            require(getattr(self, name) >= 0, f"train.{name}", "must be >= 0")
+        require(self.on_nonfinite in ON_NONFINITE, "train.on_nonfinite",
+                f"unknown policy {self.on_nonfinite!r}; choose one of {', '.join(ON_NONFINITE)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    enabled: bool = True
+    every: int = 20                    # a preempted run loses at most this many steps
+    keep: int = 2
+
+    def check(self) -> None:
+        positive(self, "checkpoint", "every", "keep")
