@@ -8,16 +8,7 @@ workdir, keyed by backend, device kind, jax version, mesh and model config. The 
 itself lives beside the trainer (`train/calibration.py`, `train/measure.py`), which calibrates
 for `auto`; this command sits above it and is imported by nothing.
 
-Two kinds of measurement:
-- each module's chunk op alone (jit of embed -> layers -> head, forward; and the backward with
-  its recomputed forward, as the executor runs it) on one device, at 1 and 2 layers and at the
-  partition's sub-microbatch units and twice them; per module and kind a fixed and a per-layer
-  cost at each unit count (interpolated between them), checked on shapes not measured;
-- the bytes a stored op keeps (its chunk's residuals, read off the executor's traced step);
-- the executor itself on the run's mesh, with synthetic tables (`plan/tables.py`: `idle`,
-  `busy`): a step of no ticks (the step's fixed cost), idle ticks (the tick's cost: its loop
-  and its packed sends between processes), and ticks in which every rank runs one module's op
-  (what the tick loop adds to the op measured alone).
+What is measured: `train/measure.py`.
 """
 from __future__ import annotations
 

@@ -25,6 +25,13 @@ def run_cli(*args, timeout=600, env=None):
                           timeout=timeout)
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def xla_cache(tmp_path_factory) -> pathlib.Path:
     """One persistent XLA compilation cache for every training run of the session."""

@@ -2,25 +2,18 @@
 collectives) trains the same losses as one process with pipe=2."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 OVERRIDES = ["--config.mesh.data=1", "--config.mesh.pipe=2", "--config.model.audio=none",
              "--config.data.microbatches=4", "--config.train.steps=3", "--config.train.progress=false",
              "--config.checkpoint.enabled=false", "--config.train.timeline_first=0",
              # process 0 plans; step 2's planner fails there, so process 1 must run process 0's fallback plan
              "--config.pipeline.plan_faults=((2, 'raise'),)"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train_lines(path):
@@ -32,7 +25,7 @@ def test_two_processes_match_one(root, tmp_path, xla_cache):
     from dip_jax.train.trainer import run
 
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "dip_jax.train", "--config", "configs/tiny_cpu.py", *OVERRIDES,
            f"--workdir={tmp_path / 'two'}", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
     procs = [subprocess.Popen([*cmd, "--process-id", str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,

@@ -11,12 +11,12 @@ from dip_jax.config.checks import ConfigError, deferred_checks
 from dip_jax.config.model import (MODULES, AudioConfig, BlockConfig, DiTConfig, LLMConfig, ModelConfig,
                                   VisionConfig, attention_params, projector_params, swiglu_params)
 from dip_jax.config.run import (BASELINES, HARDWARE_PROFILES, MEMORY_STRATEGIES, ON_NONFINITE, OVERSIZE,
-                                SCHEDULERS, SCHEDULES, CheckpointConfig, DataConfig, MeshConfig, OptimConfig,
+                                SCHEDULERS, SCHEDULES, CheckpointConfig, DataConfig, DistributedConfig, MeshConfig, OptimConfig,
                                 PipelineConfig, TrainSection)
 from dip_jax.config.train_config import TrainConfig, with_overrides
 
 __all__ = ["MODULES", "BASELINES", "HARDWARE_PROFILES", "MEMORY_STRATEGIES", "ON_NONFINITE", "OVERSIZE",
            "SCHEDULERS", "SCHEDULES", "ConfigError", "deferred_checks", "AudioConfig", "BlockConfig",
            "DiTConfig", "LLMConfig", "ModelConfig", "VisionConfig", "attention_params", "projector_params",
-           "swiglu_params", "CheckpointConfig", "DataConfig", "MeshConfig", "OptimConfig", "PipelineConfig",
+           "swiglu_params", "CheckpointConfig", "DataConfig", "DistributedConfig", "MeshConfig", "OptimConfig", "PipelineConfig",
            "TrainSection", "TrainConfig", "with_overrides"]

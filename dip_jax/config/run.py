@@ -154,6 +154,17 @@ class TrainSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    # a process of a multi-process run whose heartbeat stops for this long is lost (one that dies
+    # is noticed sooner, at the next collective) and every other process stops with one line; it
+    # also bounds the wait at the closing barrier, and twice it is jax's own heartbeat timeout
+    timeout_seconds: float = 120.0
+
+    def check(self) -> None:
+        positive(self, "distributed", "timeout_seconds")
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     enabled: bool = True
     every: int = 20                    # a preempted run loses at most this many steps

@@ -5,7 +5,8 @@ import dataclasses
 
 from dip_jax.config.checks import DEFER_CHECKS, require
 from dip_jax.config.model import ModelConfig
-from dip_jax.config.run import CheckpointConfig, DataConfig, MeshConfig, OptimConfig, PipelineConfig, TrainSection
+from dip_jax.config.run import (CheckpointConfig, DataConfig, DistributedConfig, MeshConfig, OptimConfig, PipelineConfig,
+                                TrainSection)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,6 +18,7 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
     train: TrainSection = TrainSection()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     def __post_init__(self):
         if not DEFER_CHECKS.get():
@@ -24,7 +26,7 @@ class TrainConfig:
 
     def check(self) -> None:
         """Every section's checks, then the cross-field ones. Raises ConfigError."""
-        for section in ("model", "mesh", "pipeline", "data", "optim", "train", "checkpoint"):
+        for section in ("model", "mesh", "pipeline", "data", "optim", "train", "checkpoint", "distributed"):
             getattr(self, section).check()
         self._check_combinations()
 

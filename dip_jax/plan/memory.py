@@ -86,16 +86,22 @@ def choose(plan: Plan, costs: Costs, cap: float, mode: str = "auto", program: bo
     full = ix.with_stored([ix.ops[i] for i in pairs])
     arr = _Arrays(ix, full, [none.start[op] for op in ix.ops], [none.end[op] for op in ix.ops])
     choice = Choice(pairs=len(pairs))
-    chosen: set[int] = set()
-    for r, ids in enumerate(order):
-        t0 = time.perf_counter()
-        picked, solver, gap = _rank(ix, arr, r, ids, cap)
-        chosen |= picked
-        choice.seconds.append(time.perf_counter() - t0)
-        choice.solver.append(solver)
-        choice.gap.append(gap)
-    stored = frozenset(ix.ops[i] for i in chosen)
-    stored, choice.repaired = _repair(plan, costs, stored, cap, ix, full, none.peak_memory)
+    everything = frozenset(ix.ops[i] for i in pairs)
+    if max(simulate(dataclasses.replace(plan, stored=everything), costs, "lockstep", ix).peak_memory) <= cap:
+        # room for every residual: the per-rank choice, which models memory on the recompute-only
+        # timeline's events, could only hold back ops whose storing fits anyway
+        stored = everything
+    else:
+        chosen: set[int] = set()
+        for r, ids in enumerate(order):
+            t0 = time.perf_counter()
+            picked, solver, gap = _rank(ix, arr, r, ids, cap)
+            chosen |= picked
+            choice.seconds.append(time.perf_counter() - t0)
+            choice.solver.append(solver)
+            choice.gap.append(gap)
+        stored = frozenset(ix.ops[i] for i in chosen)
+        stored, choice.repaired = _repair(plan, costs, stored, cap, ix, full, none.peak_memory)
     if program:
         stored, dropped = _fit_program(plan, costs, stored, cap)
         choice.repaired += dropped

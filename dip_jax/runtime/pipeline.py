@@ -26,6 +26,7 @@ from dip_jax.runtime.executor import build_step
 from dip_jax.runtime.norms import sharded_global_norm
 from dip_jax.runtime.sharding import REPLICA, REPLICA_BATCH, SCALAR, TABLE, named, state_shardings
 from dip_jax.runtime.stages import StageLayout, like, relayout
+from dip_jax.runtime.update import guarded_update
 
 is_blocks = lambda path, _: len(path) > 0 and path[0] == "blocks"
 
@@ -249,13 +250,13 @@ class PipelineExecutor:
             params = state["params"]
             loss, grads = core(params, masks, batch, ops, recv, n_ticks)
             grads = with_frozen(params, grads)
-            updates, opt_state = tx.update(grads, state["opt_state"], params)
+            updates, opt_state, skipped = guarded_update(tx, grads, state["opt_state"], params)
             new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                    "step": state["step"] + 1, "rng": state["rng"]}
             # the state keeps its shardings (moments split over 'data' stay split), so a donated
             # state is always a valid input of the next step's program
             new = jax.lax.with_sharding_constraint(new, self.state_shardings(new))
-            return new, {"loss": loss, "grad_norm": self.global_norm(grads)}
+            return new, {"loss": loss, "grad_norm": self.global_norm(grads), "update_skipped": skipped}
         return jax.jit(train, donate_argnums=0)
 
     def _put(self, x, names):

@@ -2,7 +2,8 @@
 
 Multi-process (one process per host, or per GPU): add `--coordinator HOST:PORT --num-processes N
 --process-id I` (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or
-`--distributed` to let jax detect the cluster (SLURM, Open MPI, TPU pods, Kubernetes).
+`--distributed` to let jax detect the cluster (SLURM, Open MPI, TPU pods, Kubernetes). Each such
+process runs the trainer under a supervisor (`supervise.py`).
 """
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         return _help(argv)
     from dip_jax.train.errors import RunStopped
+    from dip_jax.train.interrupt import SIGNAL_FD, listen_to_supervisor
+    if os.environ.get(SIGNAL_FD):
+        listen_to_supervisor()
     try:
         path, workdir, overrides, rest = parse_config_args(argv)
         distributed, rest = _distributed_args(rest)
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         from dip_jax.runtime.mesh import configure_host_devices
         configure_host_devices()
         from dip_jax.runtime.distributed import initialize
-        initialize(**distributed)
+        initialize(**distributed, timeout_seconds=cfg.distributed.timeout_seconds)
         from dip_jax.train.trainer import run
         run(cfg, workdir or f"runs/{cfg.model.name}")
     except ConfigError as e:
@@ -65,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunStopped as e:
         print(f"dip_jax: {e}", file=sys.stderr, flush=True)
+        if e.everywhere:                   # every process stops here: leave together
+            from dip_jax.runtime.distributed import finish
+            finish()
         return e.exit_code
     except KeyboardInterrupt:             # Ctrl-C before the trainer took over the signal
         print("dip_jax: interrupted before training started", file=sys.stderr)
@@ -89,6 +96,9 @@ def _help(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from dip_jax.train import supervise
+    if supervise.wanted(sys.argv[1:]):
+        sys.exit(supervise.run(sys.argv[1:]))
     from absl import flags     # grain's multiprocessing reads absl flags; mark them parsed
     flags.FLAGS(sys.argv[:1])
     code = main()

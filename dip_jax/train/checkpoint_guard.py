@@ -18,8 +18,15 @@ import threading
 
 from dip_jax.train.errors import RunStopped
 
-_REASONS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file size limit exceeded"}
-_TEXT = {"no space left": "no space left", "quota exceeded": "disk quota exceeded", "file too large": "file size limit exceeded"}
+LOST_PEER = "lost contact with another process"
+_ROOM = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file size limit exceeded"}
+_REASONS = {**_ROOM, errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+            errno.EROFS: "read-only file system"}
+_TEXT = {"no space left": "no space left", "quota exceeded": "disk quota exceeded", "file too large": "file size limit exceeded",
+         "permission denied": "permission denied", "read-only file system": "read-only file system",
+         # a collective save whose peer is gone: its barriers and exchanges fail like this
+         "connection closed by peer": LOST_PEER, "connection reset by peer": LOST_PEER, "gloo": LOST_PEER,
+         "barrier": LOST_PEER, "deadline_exceeded": LOST_PEER, "heartbeat": LOST_PEER}
 
 
 def _one_line(e: BaseException) -> str:
@@ -122,8 +129,11 @@ class CheckpointGuard:
     def _failure(self, step: int, e: BaseException) -> RunStopped:
         self.failed = True
         kept = f"checkpoint {self.last_good} is intact" if self.last_good is not None else "no earlier checkpoint"
-        return RunStopped(f"checkpoint at step {step} failed: {save_failure_reason(e)} on {self.directory}; "
-                          f"{kept}; rerun the same command to resume once there is room", exit_code=1)
+        reason = save_failure_reason(e)
+        then = ("rerun the same command to resume once there is room" if reason in _ROOM.values() else
+                "rerun the same command to resume once the directory is writable" if reason in _REASONS.values() else
+                "rerun the same command to resume")
+        return RunStopped(f"checkpoint at step {step} failed: {reason} on {self.directory}; {kept}; {then}", exit_code=1)
 
     def settle(self) -> None:
         """Wait for a background save; a failure becomes RunStopped naming its step."""

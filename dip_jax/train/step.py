@@ -12,6 +12,7 @@ import optax
 from flax import nnx
 
 from dip_jax.runtime.sharding import SCALAR, named
+from dip_jax.runtime.update import guarded_update
 
 
 def loss_fn(graphdef, params, batch):
@@ -29,12 +30,12 @@ def make_train_step(graphdef, tx, remat: bool = False, shardings=None):
     @functools.partial(jax.jit, donate_argnums=0)
     def train_step(state, batch):
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state["params"], batch)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        updates, opt_state, skipped = guarded_update(tx, grads, state["opt_state"], state["params"])
         new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
                "step": state["step"] + 1, "rng": state["rng"]}
         if shardings is not None:
             new = jax.lax.with_sharding_constraint(new, shardings)
-        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "update_skipped": skipped, **aux}
 
     return train_step
 

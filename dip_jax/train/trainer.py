@@ -7,7 +7,6 @@ while earlier batches train.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import math
 import pathlib
@@ -21,7 +20,8 @@ from dip_jax.config import ConfigError, TrainConfig
 from dip_jax.data.oversize import OversizeCounts
 from dip_jax.data.packing import Budget
 from dip_jax.data.pipeline import batch_dataset, train_iterator
-from dip_jax.runtime.distributed import broadcast_json
+from dip_jax.runtime import distributed
+from dip_jax.runtime.distributed import broadcast_json, gather_ints
 from dip_jax.runtime.mesh import mesh_for, mesh_shape
 from dip_jax.train.checkpoint import Checkpointer
 from dip_jax.train.checkpoint_guard import CheckpointGuard
@@ -31,6 +31,7 @@ from dip_jax.train.interrupt import Interrupts
 from dip_jax.train.metrics import MetricsWriter, RunStats, read_records
 from dip_jax.train.nonfinite import NonfiniteMonitor
 from dip_jax.train.optim import build_optimizer
+from dip_jax.train.peers import PeerLoss
 from dip_jax.train.planning import BatchPlan
 from dip_jax.train.preflight import check_state_fits
 from dip_jax.train.state import abstract_model, count_params, create_state, model_layouts, state_bytes, state_shapes
@@ -149,8 +150,25 @@ def run(cfg: TrainConfig, workdir: str | pathlib.Path) -> dict:
                           f"{cfg.model.extra_modules[0][0]!r}; train it from your own loop (README: Bring your own module)")
     workdir = pathlib.Path(workdir)
     lead = jax.process_index() == 0
+    peers = None
+    if distributed.HEARTBEATS is not None:
+        peers = distributed.HEARTBEATS.on_lost = PeerLoss(workdir)
     with Interrupts() as interrupts, workdir_session(cfg, workdir, lead):
-        return _run(cfg, workdir, lead, interrupts)
+        try:
+            return _run(cfg, workdir, lead, interrupts, peers)
+        except BaseException as e:
+            _after_failure(peers, e)
+            raise
+
+
+def _after_failure(peers: PeerLoss | None, error: BaseException) -> None:
+    """In a multi-process run, an error that is not every process's: end this process if a peer
+    is lost (the error was its loss), else tell the peers why this one stops."""
+    if peers is None or (isinstance(error, RunStopped) and error.everywhere) or getattr(error, "_peers_asked", False):
+        return
+    error._peers_asked = True
+    peers.after_failure(distributed.HEARTBEATS, error)
+    distributed.HEARTBEATS.leave(str(error).splitlines()[0] if str(error) else type(error).__name__)
 
 
 def _finished(cfg: TrainConfig, workdir: pathlib.Path, step: int, lead: bool) -> dict:
@@ -161,7 +179,9 @@ def _finished(cfg: TrainConfig, workdir: pathlib.Path, step: int, lead: bool) ->
     return json.loads(path.read_text()) if path.exists() else {"steps": cfg.train.steps, "resumed_from": step}
 
 
-def _stop_after_interrupt(interrupts, ckpt, step: int, start: int, state, data_state) -> RunStopped:
+def _stop_after_interrupt(stop: tuple[int, list[int]], interrupts, ckpt, step: int, start: int, state,
+                          data_state) -> RunStopped:
+    signum, signalled = stop
     if ckpt is None:
         done = "checkpointing is off (checkpoint.enabled=false)"
     elif step > start:
@@ -169,11 +189,15 @@ def _stop_after_interrupt(interrupts, ckpt, step: int, start: int, state, data_s
         done = "checkpoint saved"
     else:
         done = "no step trained since the last checkpoint"
-    return RunStopped(f"interrupted at step {step}, {done}, rerun the same command to resume",
-                      exit_code=interrupts.exit_code)
+    code = 128 + (interrupts.signum or signum)
+    if jax.process_count() == 1:
+        return RunStopped(f"interrupted at step {step}, {done}, rerun the same command to resume", code, everywhere=True)
+    on = f"process {signalled[0]}" if len(signalled) == 1 else f"processes {', '.join(map(str, signalled))}"
+    return RunStopped(f"interrupted at step {step} (signal on {on}), {done}, rerun the same command on every "
+                      f"process to resume", code, everywhere=True)
 
 
-def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interrupts) -> dict:
+def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interrupts, peers: PeerLoss | None) -> dict:
     # memory first: a config too large for this host is refused with the hint to plan it instead,
     # whatever else does not fit (the paper's configs also ask for more devices than a laptop has)
     check_state_fits(cfg, jax.local_devices()[: cfg.mesh.devices])
@@ -237,12 +261,14 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
     step = start
     try:
         for step, batch, data_state, plan in BatchFeed(cfg, data, start, planner, pipelined):
+            if peers is not None:
+                peers.step = step
             compiles_before = step_fn.cache_fields["compiles"] if plan is not None else 0
             t0 = time.perf_counter()
             state, metrics = step_fn(state, batch, plan)
             stats.add_plan(plan)
             stats.add_oversize(batch.oversize)
-            finite = guard.observe(step, {k: float(metrics[k]) for k in ("loss", "grad_norm")})   # waits
+            finite = guard.observe(step, {k: float(metrics[k]) for k in ("loss", "grad_norm", "update_skipped")})   # waits
             timeline = lead and plan is not None and _wants_timeline(cfg, step, start)
             if timeline or step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 metrics = {k: float(v) for k, v in metrics.items()}       # waits for the step
@@ -266,12 +292,16 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
                     and step != cfg.train.steps:
                 log.write("eval", step, **evaluator(state["params"]))
             guard.check_stop(ckpt.latest_step() if ckpt is not None else None)
-            if interrupts.requested:
-                raise _stop_after_interrupt(interrupts, ckpt, step, start, state, data_state)
+            stop = interrupts.agree(gather_ints)         # every process stops after the same step
+            if stop is not None:
+                raise _stop_after_interrupt(stop, interrupts, ckpt, step, start, state, data_state)
             if ckpt is not None and finite:
                 ckpt.save(step, state, data_state, force=step == cfg.train.steps)
         if evaluator is not None:
             final_eval = log.write("eval", cfg.train.steps, **evaluator(state["params"]))
+    except BaseException as e:
+        _after_failure(peers, e)               # before closing: a save cannot finish without the lost peer
+        raise
     finally:
         log.close()
         if ckpt is not None:

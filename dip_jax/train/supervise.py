@@ -1,0 +1,137 @@
+"""Each process of a multi-process run is supervised: `python -m dip_jax.train` starts the
+trainer as its child and stays beside it, so that the command a scheduler started ends in one
+line and an exit code it can act on, whatever happens to the trainer.
+
+- Signals: the supervisor takes SIGTERM / SIGINT and passes each one through a pipe; the trainer
+  ignores signals sent to it directly (a scheduler that signals every process of a job reaches
+  both), so each signal counts once (`train/interrupt.py`).
+- Native aborts: jax's coordination client ends its process with SIGABRT and a page of native
+  log and stack when it loses the coordinator (process 0). The supervisor drops those lines and
+  prints one line instead: the process lost, the last complete checkpoint, the rerun command.
+- Exit codes: the trainer's, except a trainer ended by a signal: 1 after such an abort, else
+  128 + the signal.
+
+Pure Python, no jax: the supervisor is small and never holds an accelerator.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+from dip_jax.train.interrupt import SIGNAL_FD, SIGNALS
+
+# jax's native (absl) log lines, crash reports and the stack frames that follow them
+_NATIVE = re.compile(r"^[EF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+:\d+\]|^\*\*\* Check failure stack trace|"
+                     r"^\s+@\s+0x|^terminate called|^\s+what\(\):")
+# what ends a native report's continuation lines: the trainer's own output
+_OURS = re.compile(r"^(dip_jax|train|Traceback|[IW]\d{4} )")
+_LEAK = re.compile(r"resource_tracker.*UserWarning|^\s+warnings\.warn\(")      # planner workers' semaphores
+
+
+def wanted(argv: list[str]) -> bool:
+    """A multi-process run not yet supervised."""
+    if os.environ.get(SIGNAL_FD) or any(a in ("-h", "--help") for a in argv):
+        return False
+    flags = ("--coordinator", "--num-processes", "--process-id", "--distributed")
+    return any(a.split("=", 1)[0] in flags for a in argv) or "JAX_COORDINATOR_ADDRESS" in os.environ
+
+
+def run(argv: list[str]) -> int:
+    read, write = os.pipe()
+    child = subprocess.Popen([sys.executable, "-m", "dip_jax.train", *argv], pass_fds=(read,),
+                             env={**os.environ, SIGNAL_FD: str(read)}, stderr=subprocess.PIPE,
+                             start_new_session=True)
+    os.close(read)
+
+    def forward(signum, frame):
+        try:
+            os.write(write, bytes([signum]))
+        except OSError:
+            pass
+    for sig in SIGNALS:
+        signal.signal(sig, forward)
+    native = []
+    in_native = False
+    for raw in iter(child.stderr.readline, b""):
+        line = raw.decode(errors="replace")
+        if _NATIVE.search(line) or (in_native and not _OURS.match(line)):
+            in_native = True
+            native.append(line)
+            continue
+        in_native = False
+        if not _LEAK.search(line):
+            sys.stderr.write(line)
+            sys.stderr.flush()
+    code = child.wait()
+    if code >= 0:
+        return code
+    signum = -code
+    if signum in (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS):
+        print(f"dip_jax: {_loss_line(argv, ''.join(native))}", file=sys.stderr, flush=True)
+        return 1
+    print(f"dip_jax: the trainer was ended by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+    return 128 + signum
+
+
+def _loss_line(argv: list[str], native: str) -> str:
+    from dip_jax.train.peers import checkpoint_text
+    me = _process_id(argv)
+    unhealthy = re.search(r"tasks are unhealthy[^:]*:\s*([\d,\s]+)", native)
+    if unhealthy:
+        what = "lost process " + ", ".join(re.findall(r"\d+", unhealthy.group(1)))
+    elif me != 0 and not _reachable(_coordinator(argv)):
+        what = "lost process 0 (the coordinator)"
+    elif native:
+        what = "lost another process"
+    else:
+        what = "the trainer crashed"
+    return (f"{what}: this process was aborted; {checkpoint_text(_workdir(argv))}; "
+            f"rerun the same command on every process to resume")
+
+
+def _coordinator(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        name, _, value = a.partition("=")
+        if name == "--coordinator":
+            return value or (argv[i + 1] if i + 1 < len(argv) else None)
+    return os.environ.get("JAX_COORDINATOR_ADDRESS")
+
+
+def _reachable(address: str | None) -> bool:
+    """Whether the coordinator still accepts connections (unknown address: assume it is gone)."""
+    import socket
+    if not address or ":" not in address:
+        return False
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=2.0):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _process_id(argv: list[str]) -> int | None:
+    for i, a in enumerate(argv):
+        name, _, value = a.partition("=")
+        if name == "--process-id":
+            value = value or (argv[i + 1] if i + 1 < len(argv) else "")
+            return int(value) if value.isdigit() else None
+    v = os.environ.get("JAX_PROCESS_ID", "")
+    return int(v) if v.isdigit() else None
+
+
+def _workdir(argv: list[str]):
+    """The run's workdir as the trainer reads it from the same arguments (None if they do not parse)."""
+    import pathlib
+    from dip_jax.config import ConfigError
+    from dip_jax.config.overrides import apply_overrides, load_config_file, parse_config_args
+    try:
+        path, workdir, overrides, _ = parse_config_args(argv)
+        if workdir is None:
+            workdir = f"runs/{apply_overrides(load_config_file(path), overrides).model.name}"
+        return pathlib.Path(workdir)
+    except (ConfigError, TypeError, OSError):
+        return None
