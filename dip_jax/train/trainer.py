@@ -19,8 +19,9 @@ from flax import nnx
 
 from dip_jax.config import ConfigError, TrainConfig
 from dip_jax.data.oversize import OversizeCounts
-from dip_jax.data.packing import Budget
+from dip_jax.data.packing import Budget, padding_fraction
 from dip_jax.data.pipeline import batch_dataset, train_iterator
+from dip_jax.data.stream import file_stream
 from dip_jax.runtime.distributed import broadcast_json
 from dip_jax.runtime.mesh import mesh_for, mesh_shape
 from dip_jax.train.checkpoint import Checkpointer
@@ -51,12 +52,15 @@ class Evaluator:
     """Held-out loss (through the pipelined executor when one runs) and, for the digits task,
     greedy decoding accuracy (decoding needs logits, so it uses the unpipelined model)."""
 
-    def __init__(self, cfg: TrainConfig, graphdef, mesh, pipelined=None):
+    def __init__(self, cfg: TrainConfig, graphdef, mesh, pipelined=None, cache_dir=None):
         self.cfg, self.mesh, self.pipelined = cfg, mesh, pipelined
-        source = batch_dataset(cfg, "eval")
+        source = batch_dataset(cfg, "eval", cache_dir)
         first = source[0]
-        self.batches = [first] + [source[i] for i in range(1, _eval_batch_count(cfg, first))]
+        count = (file_stream(cfg, "eval", str(cache_dir)).eval_batch_count(cfg.data.eval_samples)
+                 if cfg.data.task == "files" else _eval_batch_count(cfg, first))
+        self.batches = [first] + [source[i] for i in range(1, count)]
         self.loss_fn = make_eval_loss(graphdef)
+        self.cache_dir = cache_dir
         self.logits_fn = make_logits_fn(graphdef)
 
     def put(self, arrays):
@@ -68,9 +72,12 @@ class Evaluator:
         else:
             losses = [float(self.loss_fn(params, self.put(b.arrays))) for b in self.batches]
         out = {"eval_loss": float(np.mean(losses))}
-        if self.cfg.data.task == "digits":
+        if self.cfg.data.task in ("digits", "files"):
             model_params = self.pipelined.model_params(params) if self.pipelined is not None else params
-            out.update(greedy_accuracy(self.logits_fn, model_params, self.batches, self.put))
+            # the files task scores answer tokens, not the template's special tokens
+            ignore = (file_stream(self.cfg, "eval", str(self.cache_dir)).dataset.tok.special_ids
+                      if self.cfg.data.task == "files" else None)
+            out.update(greedy_accuracy(self.logits_fn, model_params, self.batches, self.put, ignore))
         return out
 
 
@@ -89,7 +96,9 @@ class BatchFeed:
 
     def _fill(self, upto: int) -> None:
         while self.next_step <= min(upto, self.cfg.train.steps):
+            t0 = time.perf_counter()
             batch = next(self.data)
+            batch.wait_seconds = time.perf_counter() - t0
             self.queue.append((self.next_step, batch, self.data.get_state()))
             if self.planner is not None:
                 self.planner.submit(self.next_step, batch.metadata)
@@ -173,10 +182,26 @@ def _stop_after_interrupt(interrupts, ckpt, step: int, start: int, state, data_s
                       exit_code=interrupts.exit_code)
 
 
+def _check_files(cfg: TrainConfig, index_dir: pathlib.Path, lead: bool) -> dict:
+    """The files task's index and tokenizer (ConfigError on a bad key, file or record); the bad
+    records skipped by reason."""
+    if cfg.data.task != "files":
+        return {}
+    dataset = file_stream(cfg, "train", str(index_dir)).dataset
+    skipped = dict(dataset.skipped)
+    if cfg.data.eval_path:
+        file_stream(cfg, "eval", str(index_dir))
+    if lead and dataset.warning():
+        print(f"dip_jax: {dataset.warning()}", flush=True)
+    return skipped
+
+
 def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interrupts) -> dict:
     # memory first: a config too large for this host is refused with the hint to plan it instead,
     # whatever else does not fit (the paper's configs also ask for more devices than a laptop has)
     check_state_fits(cfg, jax.local_devices()[: cfg.mesh.devices])
+    index_dir = workdir / "data_index"
+    records_skipped = _check_files(cfg, index_dir, lead)     # bad data and vocabularies fail before compiling
     mesh = mesh_for(cfg)
 
     graphdef, model = abstract_model(cfg)
@@ -205,7 +230,7 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
         reference = make_train_step(graphdef, tx, shardings=shardings)
         step_fn = lambda state, batch, plan: reference(state, put_batch(batch.arrays, mesh))
     state = create_state(cfg, tx, mesh, layouts)
-    data = train_iterator(cfg)
+    data = train_iterator(cfg, index_dir)
     ckpt = (CheckpointGuard(Checkpointer(workdir / "checkpoints", cfg.checkpoint, layouts, mesh), lead)
             if cfg.checkpoint.enabled else None)
     start = 0
@@ -217,8 +242,9 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
         if planner is not None:
             planner.close()
         return _finished(cfg, workdir, start, lead)
-    evaluator = (Evaluator(cfg, graphdef, mesh, step_fn if pipelined else None)
-                 if (cfg.train.eval_every or cfg.data.task == "digits") else None)
+    has_eval = cfg.data.task != "files" or bool(cfg.data.eval_path)
+    evaluator = (Evaluator(cfg, graphdef, mesh, step_fn if pipelined else None, index_dir)
+                 if has_eval and (cfg.train.eval_every or cfg.data.task in ("digits", "files")) else None)
     log = MetricsWriter(workdir, cfg.train.steps, start, cfg.train.progress and lead, enabled=lead)
     stats = RunStats()
     stats.add_history(read_records(workdir / "metrics.jsonl", start) if lead and start else [])
@@ -234,6 +260,7 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
               f"on one device", flush=True)
 
     t_start, final_eval = time.perf_counter(), {}
+    budget, paddings = Budget.from_config(cfg), []
     step = start
     try:
         for step, batch, data_state, plan in BatchFeed(cfg, data, start, planner, pipelined):
@@ -242,6 +269,10 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
             state, metrics = step_fn(state, batch, plan)
             stats.add_plan(plan)
             stats.add_oversize(batch.oversize)
+            for reason, n in batch.records_skipped.items():
+                records_skipped[reason] = records_skipped.get(reason, 0) + n
+            padding = padding_fraction(batch.metadata, budget)
+            paddings.append(padding)
             finite = guard.observe(step, {k: float(metrics[k]) for k in ("loss", "grad_norm")})   # waits
             timeline = lead and plan is not None and _wants_timeline(cfg, step, start)
             if timeline or step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -257,7 +288,8 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
                               flush=True)
                 record = log.write("train", step, step_seconds=measured, batch_index=batch.index,
                                    samples=sum(len(mb) for mb in batch.metadata), samples_truncated=batch.oversize[0],
-                                   samples_skipped=batch.oversize[1], **metrics, **fields)
+                                   samples_skipped=batch.oversize[1], epoch=batch.epoch, padding_fraction=padding,
+                                   data_wait_seconds=batch.wait_seconds, **metrics, **fields)
                 stats.add_record(record)
                 log.progress(step, loss=metrics["loss"])
                 if timeline:
@@ -281,6 +313,7 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
     wall = time.perf_counter() - t_start
     summary = {"steps": cfg.train.steps, "resumed_from": start, "schedule": cfg.pipeline.schedule,
                **placement, "wall_seconds": wall, **stats.summary(wall),
+               "padding_fraction": float(np.mean(paddings)) if paddings else None, "records_skipped": records_skipped,
                **{k: v for k, v in final_eval.items() if k.startswith("eval")}}
     if lead:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
