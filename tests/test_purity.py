@@ -36,6 +36,26 @@ assert not bad, bad
     assert subprocess.run([sys.executable, "-c", check], cwd=root).returncode == 0
 
 
+def test_plan_cli_plans_a_file_dataset_from_its_index_without_jax_or_grain(root, tmp_path):
+    """The files task's batches planned by the CLI: index built (tokenizer, image headers), batches
+    packed from it, planned; jax and grain never imported, and the index is cached in --out."""
+    from dip_jax.data.files.demo import TOKENIZER_DIR, write_dataset
+    data = write_dataset(tmp_path / "data", train_records=60, eval_records=4)
+    code = f"""
+import sys
+from dip_jax.plan.__main__ import main
+assert main(["--config", {str(root / 'configs/tiny_cpu.py')!r}, "--batches", "2", "--rollouts", "2",
+             "--schedulers", "dip,1f1b", "--out", {str(tmp_path / 'out')!r}, "--config.data.task=files",
+             "--config.data.path={data / 'train.jsonl'}", "--config.data.tokenizer={TOKENIZER_DIR}",
+             "--config.model.audio=none"]) == 0
+bad = [m for m in ("jax", "grain", "flax", "optax") if m in sys.modules]
+assert not bad, bad
+"""
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(list((tmp_path / "out" / "data_index").glob("train.*.json"))) == 1
+
+
 def test_schedule_ir_imports_nothing_of_the_planner():
     """The IR (schedule.py) is what indexed.py, simulate.py and validate.py build on; importing
     it must not pull them in (no import cycle between them)."""

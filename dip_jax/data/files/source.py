@@ -244,6 +244,10 @@ class FileStream:
     def _extend(self) -> None:
         M, refs = self.cfg.data.microbatches, self.dataset.refs
         cands, skips, closed = self._carry, 0, False
+        # the carry (deferred records, then the ones looked at past the last close) comes first;
+        # the stream is read only when it cannot fill a batch
+        if cands:
+            mbs, rest, closed = pack_best_fit([refs[r].meta for _, r in cands], self.budget, M)
         while not closed:
             more, s = self._pull(max(4 * M, len(cands)))
             cands, skips = cands + more, skips + s
