@@ -286,3 +286,23 @@ def test_stream_reads_every_record_once_per_epoch_and_is_a_function_of_the_index
     n = ev.eval_batch_count(10 ** 6)
     assert {r for i in range(n) for mb in ev.layout(i)[0] for e, r in mb if e == 0} == set(range(20))
     assert ev.eval_batch_count(1) == 1
+
+
+def test_collated_file_batch_puts_every_item_at_its_placeholders(root, tmp_path):
+    """The tokenizer's placeholder ids (not the specs' reserved ids) locate images and audio clips."""
+    from dip_jax.data.pipeline import PackedBatches
+    path = bad_dataset(tmp_path)
+    full = load_config_file(str(root / "configs/tiny_cpu.py"))
+    cfg = dataclasses.replace(files_cfg(root, path), model=full.model)
+    batch = PackedBatches(cfg, cache_dir=tmp_path / "c")(0)
+    a, tok = batch.arrays, FileDataset(cfg, "train", tmp_path / "c").tok
+    metas = [m for mb in batch.metadata for m in mb]
+    for key, pos_key, ph, n in (("images", "image_pos", tok.image_id, sum(m.images for m in metas)),
+                                ("audio", "audio_pos", tok.audio_id, sum(-(-m.audio_seconds // 1) for m in metas))):
+        valid = a[pos_key][..., 0] < cfg.data.seq_len
+        assert valid.sum() == n > 0
+        rows = np.nonzero(valid)[0]
+        assert (a["tokens"][rows[:, None], a[pos_key][valid]] == ph).all()
+        assert (a["tokens"] == ph).sum() == a[pos_key][valid].size
+        assert np.abs(a[key][valid]).sum() > 0 and not a[key][~valid].any()
+    assert not (a["loss_mask"] * np.isin(a["targets"], [tok.image_id, tok.audio_id])).any()
