@@ -241,6 +241,10 @@ def test_every_bad_record_is_skipped_and_counted_or_stops_the_run_naming_its_lin
 
 def test_vocab_larger_than_the_model_is_refused_naming_both(root, tmp_path):
     data = write_dataset(tmp_path / "d", train_records=5, eval_records=1)
+    with_dit = apply_overrides(load_config_file(str(root / "configs/t2v_s.py")), [
+        "data.task=files", f"data.path={data / 'train.jsonl'}", f"data.tokenizer={TOKENIZER_DIR}"])
+    with pytest.raises(ConfigError, match="^model.dit: the files task brings no video"):
+        FileDataset(with_dit, "train")
     cfg = apply_overrides(files_cfg(root, data / "train.jsonl"), ["model.llm.vocab_size=100"])
     with pytest.raises(ConfigError, match=r"^model.llm.vocab_size: 100 is smaller than the tokenizer's 192 tokens"):
         FileDataset(cfg, "train")

@@ -65,6 +65,9 @@ class FileDataset:
         d, m = cfg.data, cfg.model
         key = _SPLIT_KEY[split]
         self.cfg, self.budget = cfg, Budget.from_config(cfg)
+        if m.dit is not None:
+            # records hold no video, and a generator trained on none would learn nothing, silently
+            raise ConfigError("model.dit: the files task brings no video clips; set --config.model.dit=none")
         self.tok = tokenizer_for(d.tokenizer)
         check_vocab(cfg, self.tok)
         # collate finds each encoder's positions by these ids (the tokenizer's, see chat.py)
