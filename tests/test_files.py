@@ -310,3 +310,27 @@ def test_collated_file_batch_puts_every_item_at_its_placeholders(root, tmp_path)
         assert (a["tokens"] == ph).sum() == a[pos_key][valid].size
         assert np.abs(a[key][valid]).sum() > 0 and not a[key][~valid].any()
     assert not (a["loss_mask"] * np.isin(a["targets"], [tok.image_id, tok.audio_id])).any()
+
+
+def test_parquet_glob_and_shard_directory_read_the_same_records(root, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    data = write_dataset(tmp_path / "d", train_records=30, eval_records=1)
+    rows = [json.loads(line) for line in open(data / "train.jsonl")]
+    shards = tmp_path / "d" / "shards"
+    shards.mkdir()
+    (shards / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:10]))
+    pq.write_table(pa.Table.from_pylist(rows[10:]), shards / "b.parquet")
+    (shards / "notes.txt").write_text("not records")
+    ref = FileDataset(files_cfg(root, data / "train.jsonl"), "train")
+    for spec in (shards, f"{shards}/*"):
+        ds = FileDataset(files_cfg(root, spec, media_root=str(data)), "train")     # media beside the shards' parent
+        assert [f.name for f in ds.files] == ["a.jsonl", "b.parquet"]
+        assert [r.meta for r in ds.refs] == [r.meta for r in ref.refs]
+        for k in (3, 25):
+            a, b = ds.sample(ds.refs[k], 0)[0], ref.sample(ref.refs[k], 0)[0]
+            assert (a.tokens == b.tokens).all() and (a.labels == b.labels).all() and (a.images == b.images).all()
+    with pytest.raises(ConfigError, match=r"^data.path: .*nothing\*: no .jsonl or .parquet records there"):
+        FileDataset(files_cfg(root, f"{shards}/nothing*"), "train")
+    with pytest.raises(ConfigError, match="missing_media"):                 # without the media root
+        FileDataset(files_cfg(root, shards, bad_records="error"), "train")

@@ -24,7 +24,7 @@ class Batch:
     metadata: tuple[tuple[SampleMeta, ...], ...]   # per microbatch, per sample
     index: int = 0                                 # position in the stream
     oversize: tuple[int, int] = (0, 0)             # samples (truncated, skipped) by data.oversize
-    epoch: int = 0                                 # the files task: the epoch of its newest record
+    epoch: int | None = None                       # the files task: the epoch of its newest record
     records_skipped: dict = dataclasses.field(default_factory=dict)   # decode failures by reason
     wait_seconds: float = 0.0                      # how long the step loop waited for it
 

@@ -43,20 +43,24 @@ PLAN_FIELDS = ("scheduler", "predicted_step_seconds", "prediction_error", "lower
                "step_compiled", "stored_fraction", "predicted_peak_gb", "compiled_peak_gb")
 
 
+def _key(cache_dir) -> str | None:
+    return None if cache_dir is None else str(cache_dir)
+
+
 def _eval_batch_count(cfg: TrainConfig, probe) -> int:
     per_batch = max(1, sum(len(mb) for mb in probe.metadata))
     return max(1, math.ceil(cfg.data.eval_samples / per_batch))
 
 
 class Evaluator:
-    """Held-out loss (through the pipelined executor when one runs) and, for the digits task,
+    """Held-out loss (through the pipelined executor when one runs) and, for the digits and files tasks,
     greedy decoding accuracy (decoding needs logits, so it uses the unpipelined model)."""
 
     def __init__(self, cfg: TrainConfig, graphdef, mesh, pipelined=None, cache_dir=None):
         self.cfg, self.mesh, self.pipelined = cfg, mesh, pipelined
         source = batch_dataset(cfg, "eval", cache_dir)
         first = source[0]
-        count = (file_stream(cfg, "eval", str(cache_dir)).eval_batch_count(cfg.data.eval_samples)
+        count = (file_stream(cfg, "eval", _key(cache_dir)).eval_batch_count(cfg.data.eval_samples)
                  if cfg.data.task == "files" else _eval_batch_count(cfg, first))
         self.batches = [first] + [source[i] for i in range(1, count)]
         self.loss_fn = make_eval_loss(graphdef)
@@ -75,7 +79,7 @@ class Evaluator:
         if self.cfg.data.task in ("digits", "files"):
             model_params = self.pipelined.model_params(params) if self.pipelined is not None else params
             # the files task scores answer tokens, not the template's special tokens
-            ignore = (file_stream(self.cfg, "eval", str(self.cache_dir)).dataset.tok.special_ids
+            ignore = (file_stream(self.cfg, "eval", _key(self.cache_dir)).dataset.tok.special_ids
                       if self.cfg.data.task == "files" else None)
             out.update(greedy_accuracy(self.logits_fn, model_params, self.batches, self.put, ignore))
         return out

@@ -42,13 +42,13 @@ class Conversation:
 
 
 def record_files(spec: str) -> list[pathlib.Path]:
-    """`data.path`: a .jsonl / .parquet file, a glob, or a directory of such shards (sorted, so
-    every process sees the same order). Raises FileNotFoundError naming the spec."""
+    """`data.path`: a .jsonl / .parquet file, a glob, or a directory of such shards (other files
+    ignored; sorted, so every process sees the same order). Raises FileNotFoundError naming it."""
     p = pathlib.Path(spec)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix in (".jsonl", ".parquet"))
     elif any(c in spec for c in "*?["):
-        files = sorted(pathlib.Path(f) for f in glob.glob(spec))
+        files = sorted(pathlib.Path(f) for f in glob.glob(spec) if f.endswith((".jsonl", ".parquet")))
     else:
         files = [p] if p.is_file() else []
     if not files:
