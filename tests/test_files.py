@@ -334,3 +334,33 @@ def test_parquet_glob_and_shard_directory_read_the_same_records(root, tmp_path):
         FileDataset(files_cfg(root, f"{shards}/nothing*"), "train")
     with pytest.raises(ConfigError, match="missing_media"):                 # without the media root
         FileDataset(files_cfg(root, shards, bad_records="error"), "train")
+
+
+def test_anyres_tiles_are_counted_from_headers_and_decoded_as_items(root, tmp_path):
+    path = bad_dataset(tmp_path)
+    cfg = files_cfg(root, path, image_tiles_max=7, max_images=8)
+    ds = FileDataset(cfg, "train", tmp_path / "c")
+    huge = next(r for r in ds.refs if r.entry["image_sizes"] == [[6000, 4000]])
+    assert huge.meta.images == 7 and [r.meta.images for r in ds.refs if r is not huge] == [1, 1, 0]
+    s, failed = ds.sample(huge, 0)
+    t = cfg.model.vision.tokens_per_image
+    assert failed is None and s.images.shape[0] == 7 and (s.tokens == ds.tok.image_id).sum() == 7 * t
+
+
+def test_media_that_fails_to_decode_after_indexing_keeps_its_slot_without_loss(root, tmp_path):
+    from PIL import Image
+    data = write_dataset(tmp_path / "d", train_records=6, eval_records=1)
+    cfg = files_cfg(root, data / "train.jsonl")
+    ds = FileDataset(cfg, "train", tmp_path / "c")
+    ref = ds.refs[0]
+    good, _ = ds.sample(ref, 0)
+    victim = json.loads(open(data / "train.jsonl").readline())["image"][0]
+    Image.new("L", (8, 8)).save(data / victim)
+    (data / victim).write_bytes((data / victim).read_bytes()[:30])          # truncated after indexing
+    s, failed = ds.sample(ref, 0)
+    assert failed == "unreadable_image" and not s.labels.any() and good.labels.any()
+    assert s.images.shape == good.images.shape and not s.images.any() and (s.tokens == good.tokens).all()
+    strict = FileDataset(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, bad_records="error")), "train",
+                         tmp_path / "c")
+    with pytest.raises(ConfigError, match=rf"^data.bad_records=error: {data / 'train.jsonl'}:1: unreadable_image"):
+        strict.sample(strict.refs[0], 0)

@@ -71,6 +71,7 @@ def files_args(data, tokenizer, xla_cache, *extra, eval_path=None):
     return ["dip_jax.train", "--config", "configs/tiny_cpu.py", "--config.data.task=files",
             f"--config.data.path={data}", f"--config.data.tokenizer={tokenizer}", "--config.train.progress=false",
             f"--config.pipeline.compile_cache_dir={xla_cache}", "--config.data.seq_len=64",
+            "--config.pipeline.plan_workers=0",                       # plans inline: no worker start-up
             *([f"--config.data.eval_path={eval_path}"] if eval_path else []), *extra]
 
 
@@ -132,3 +133,38 @@ def test_bad_records_are_counted_by_default_and_stop_the_run_with_error(tmp_path
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [f"error: data.bad_records=error: {data}:2: missing_media: "
                                                f"{data.parent / 'gone.png'} does not exist"]
+
+
+def test_a_file_that_fails_to_decode_stops_an_error_run_keeping_what_was_trained(tmp_path, tokenizer, xla_cache):
+    """A truncated JPEG passes the index (its header is whole) and fails when its batch is
+    decoded: data.bad_records=error stops the run (the CLI prints the one line, exit code 2)
+    after checkpointing the steps trained."""
+    from PIL import Image
+    from dip_jax.config.overrides import apply_overrides, load_config_file
+    from dip_jax.data.files.source import FileStream
+    data = colour_records(tmp_path, 120, 4)
+    rows = [json.loads(line) for line in open(data)]
+    args = files_args(data, tokenizer, xla_cache, "--config.train.steps=6", "--config.model.audio=none",
+                      "--config.checkpoint.every=100", "--config.data.bad_records=error")
+    cfg = apply_overrides(load_config_file(str(ROOT / "configs/tiny_cpu.py")),
+                          [a.removeprefix("--config.") for a in args if a.startswith("--config.data")]
+                          + ["model.audio=none"])
+    stream = FileStream(cfg, "train")
+    first = {}
+    for b in range(6):
+        for mb in stream.layout(b)[0]:
+            for _, r in mb:
+                first.setdefault(r, b)
+    victim = next(r for r, b in sorted(first.items(), key=lambda x: x[1]) if b >= 3)
+    path = tmp_path / rows[stream.dataset.refs[victim].entry["line"] - 1]["image"][0]
+    Image.open(path).convert("RGB").save(path.with_suffix(".tmp.jpg"), quality=95)
+    whole = path.with_suffix(".tmp.jpg").read_bytes()
+    path.write_bytes(whole[:len(whole) * 3 // 4])                     # JPEG bytes, header intact
+    from dip_jax.config import ConfigError
+    from dip_jax.train.trainer import run
+    full = apply_overrides(load_config_file(str(ROOT / "configs/tiny_cpu.py")),
+                           [a.removeprefix("--config.") for a in args if a.startswith("--config.")])
+    with pytest.raises(ConfigError, match=rf"^data.bad_records=error: {data}:\d+: unreadable_image: "):
+        run(full, tmp_path / "run")
+    saved = sorted(int(p.name) for p in (tmp_path / "run/checkpoints").iterdir() if p.name.isdigit())
+    assert saved and 1 <= saved[-1] < first[victim] + 1

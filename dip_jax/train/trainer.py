@@ -308,6 +308,11 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
                 ckpt.save(step, state, data_state, force=step == cfg.train.steps)
         if evaluator is not None:
             final_eval = log.write("eval", cfg.train.steps, **evaluator(state["params"]))
+    except ConfigError:
+        # a bad record met while decoding a batch (data.bad_records=error): keep what was trained
+        if ckpt is not None and step > start and ckpt.latest_step() != step:
+            ckpt.save(step, state, data_state, force=True, wait=True)
+        raise
     finally:
         log.close()
         if ckpt is not None:

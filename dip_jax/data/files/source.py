@@ -176,7 +176,7 @@ class FileDataset:
         if failed:
             where = f"{path}:{ref.entry['line']}"
             if self.cfg.data.bad_records == "error":
-                raise ValueError(f"data.bad_records=error: {where}: {failed}: {detail}".splitlines()[0])
+                raise ConfigError(f"data.bad_records=error: {where}: {failed}: {detail}".splitlines()[0])
             print(f"dip_jax: warning: {where}: {failed}: {detail}"[:300], file=sys.stderr, flush=True)
             labels = np.zeros_like(labels)
         s = Sample(tokens, labels, self.meta_of(ref.entry), sample_id, images=images, audio=audio)
