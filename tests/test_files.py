@@ -239,6 +239,17 @@ def test_every_bad_record_is_skipped_and_counted_or_stops_the_run_naming_its_lin
     assert FileDataset(files_cfg(root, path), "train").skipped == {**EXPECTED_SKIPS, "no_encoder": 1}
 
 
+def test_files_keys_are_refused_under_another_task(root):
+    cfg = load_config_file(str(root / "configs/tiny_cpu.py"))
+    for override in ("data.path=x.jsonl", "data.tokenizer=tok", "data.image_tiles_max=4", "data.bad_records=error"):
+        key = override.split("=")[0]
+        with pytest.raises(ConfigError, match=rf"^{key}: only data.task=files reads it"):
+            apply_overrides(cfg, [override])
+    with pytest.raises(ConfigError, match=r"^data.tokenizer: the files task needs a tokenizer directory"):
+        apply_overrides(cfg, ["data.task=files", "data.path=x.jsonl"])
+    assert apply_overrides(cfg, ["data.path=x.jsonl", "data.task=files", "data.tokenizer=t"]).data.path == "x.jsonl"
+
+
 def test_vocab_larger_than_the_model_is_refused_naming_both(root, tmp_path):
     data = write_dataset(tmp_path / "d", train_records=5, eval_records=1)
     with_dit = apply_overrides(load_config_file(str(root / "configs/t2v_s.py")), [

@@ -106,6 +106,11 @@ class DataConfig:
         if self.task == "files":
             require(bool(self.path), "data.path", "the files task needs record files (JSONL or Parquet)")
             require(bool(self.tokenizer), "data.tokenizer", "the files task needs a tokenizer directory")
+        else:                          # keys only the files task reads must not be set in vain
+            for name, default in (("path", ""), ("eval_path", ""), ("media_root", ""), ("tokenizer", ""),
+                                  ("bad_records", "skip"), ("image_tiles_max", 1)):
+                require(getattr(self, name) == default, f"data.{name}",
+                        f"only data.task=files reads it (data.task is {self.task!r})")
         positive(self, "data", "image_tiles_max", "image_tile_size")
         require(self.oversize in OVERSIZE, "data.oversize",
                 f"unknown policy {self.oversize!r}; choose one of {', '.join(OVERSIZE)}")
