@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import pathlib
 import sys
+import threading
 
 import numpy as np
 
@@ -221,6 +222,7 @@ class FileStream:
         self._carry: list[tuple[int, int]] = []
         self._epoch, self._pos = 0, 0
         self._orders: tuple = (None, None)
+        self._lock = threading.Lock()            # the layout grows from grain's thread and the caller's
 
     def _order(self, epoch: int) -> np.ndarray:
         n = len(self.dataset.refs)
@@ -260,9 +262,10 @@ class FileStream:
         self._carry = [cands[i] for i in rest]
 
     def layout(self, index: int):
-        while len(self.batches) <= index:
-            self._extend()
-        return self.batches[index]
+        with self._lock:
+            while len(self.batches) <= index:
+                self._extend()
+            return self.batches[index]
 
     def metadata(self, index: int) -> tuple[tuple, ...]:
         mbs, _, _ = self.layout(index)
