@@ -375,3 +375,36 @@ def test_media_that_fails_to_decode_after_indexing_keeps_its_slot_without_loss(r
                          tmp_path / "c")
     with pytest.raises(ConfigError, match=rf"^data.bad_records=error: {data / 'train.jsonl'}:1: unreadable_image"):
         strict.sample(strict.refs[0], 0)
+
+
+def test_over_long_records_are_cut_to_what_the_planner_was_told(root, tmp_path):
+    """data.oversize=truncate: the decoded sample has exactly the packed metadata's tokens and
+    items, so the planned batch is the collated one."""
+    from dip_jax.data.collate import collate
+    from PIL import Image
+    d = tmp_path / "long"
+    d.mkdir()
+    Image.new("RGB", (20, 20), (9, 99, 199)).save(d / "a.png")
+    long = " ".join(["seven"] * 90) + "."
+    rows = [{"image": ["a.png"] * 3, "conversations": [{"from": "human", "value": "<image>" * 3 + "\nRead it all."},
+                                                       {"from": "gpt", "value": long}]},
+            {"conversations": [{"from": "human", "value": long}, {"from": "gpt", "value": "Seven."}]},
+            {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nShort?"}, {"from": "gpt", "value": "Yes."}]}]
+    (d / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = files_cfg(root, d / "r.jsonl", seq_len=48, microbatches=2, max_images=2)
+    ds = FileDataset(cfg, "train")
+    assert [r.truncated for r in ds.refs] == [True, True, False]
+    b = ds.budget
+    for ref in ds.refs:
+        s, _ = ds.sample(ref, 0)
+        assert s.meta == ref.meta and len(s) == b.usage(ref.meta)[0] <= 48
+        assert (s.tokens == ds.tok.image_id).sum() == ref.meta.images * b.tokens_per_image
+        assert len(s.images if s.images is not None else ()) == ref.meta.images <= 2
+    assert ds.refs[0].meta.images == 2 and ds.refs[0].meta.text_tokens == 48 - 2 * b.tokens_per_image
+    stream = FileStream(cfg, "train")
+    packed, _ = stream.samples(0)
+    collate(packed, cfg, 0, ds.placeholders)                     # fits: no overflow
+    skip = FileDataset(files_cfg(root, d / "r.jsonl", seq_len=48, max_images=2, oversize="skip"), "train")
+    assert len(skip.refs) == 1 and skip.oversize_skipped == 2
+    with pytest.raises(ConfigError, match=rf"^data.oversize: {d / 'r.jsonl'}:1 "):
+        FileDataset(files_cfg(root, d / "r.jsonl", seq_len=48, max_images=2, oversize="error"), "train")
