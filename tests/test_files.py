@@ -241,7 +241,8 @@ def test_every_bad_record_is_skipped_and_counted_or_stops_the_run_naming_its_lin
 
 def test_files_keys_are_refused_under_another_task(root):
     cfg = load_config_file(str(root / "configs/tiny_cpu.py"))
-    for override in ("data.path=x.jsonl", "data.tokenizer=tok", "data.image_tiles_max=4", "data.bad_records=error"):
+    for override in ("data.path=x.jsonl", "data.tokenizer=tok", "data.image_tiles_max=4", "data.bad_records=error",
+                     "data.image_tile_size=224"):
         key = override.split("=")[0]
         with pytest.raises(ConfigError, match=rf"^{key}: only data.task=files reads it"):
             apply_overrides(cfg, [override])

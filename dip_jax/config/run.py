@@ -108,7 +108,7 @@ class DataConfig:
             require(bool(self.tokenizer), "data.tokenizer", "the files task needs a tokenizer directory")
         else:                          # keys only the files task reads must not be set in vain
             for name, default in (("path", ""), ("eval_path", ""), ("media_root", ""), ("tokenizer", ""),
-                                  ("bad_records", "skip"), ("image_tiles_max", 1)):
+                                  ("bad_records", "skip"), ("image_tiles_max", 1), ("image_tile_size", 336)):
                 require(getattr(self, name) == default, f"data.{name}",
                         f"only data.task=files reads it (data.task is {self.task!r})")
         positive(self, "data", "image_tiles_max", "image_tile_size")
