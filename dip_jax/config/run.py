@@ -13,6 +13,8 @@ MEMORY_STRATEGIES = ("auto", "recompute", "store")   # pipeline.memory_strategy 
 # the cost profiles the planner ships (dip_jax/plan/profiles/NAME.json; a test keeps the two equal)
 HARDWARE_PROFILES = ("cpu", "h100", "h800", "tpu_v5e")
 OVERSIZE = ("truncate", "skip", "error")
+TASKS = ("synthetic", "digits", "files")
+BAD_RECORDS = ("skip", "error")
 ON_NONFINITE = ("stop", "skip")
 
 
@@ -63,7 +65,7 @@ class PipelineConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    task: str = "synthetic"            # synthetic | digits
+    task: str = "synthetic"            # synthetic | digits | files
     seq_len: int = 128
     microbatches: int = 8              # packed microbatches per global batch (all replicas)
     max_images: int = 8                # image slots per microbatch
@@ -88,10 +90,28 @@ class DataConfig:
     # a sample that cannot fit one microbatch even alone: cut to fit (as LLaVA and Megatron cut
     # to the maximum sequence length), drop it, or stop with an error naming it
     oversize: str = "truncate"
+    # files task: conversation records (LLaVA or messages format; README: Train on your own data)
+    path: str = ""                     # a .jsonl / .parquet file, a glob, or a directory of shards
+    eval_path: str = ""                # held-out records for evaluation ("" = no evaluation)
+    media_root: str = ""               # media paths are relative to this ("" = each record file's directory)
+    tokenizer: str = ""                # a directory with tokenizer.json (+ tokenizer_config.json's chat_template)
+    bad_records: str = "skip"          # a record that cannot train: skip and count it, or stop naming file:line
+    image_tiles_max: int = 1           # > 1: large images become a thumbnail + tiles (LLaVA-NeXT anyres)
+    image_tile_size: int = 336         # tile side in source pixels that the anyres grid is chosen on
 
     def check(self) -> None:
-        require(self.task in ("synthetic", "digits"), "data.task",
-                f"unknown task {self.task!r}; choose synthetic or digits")
+        require(self.task in TASKS, "data.task", f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        require(self.bad_records in BAD_RECORDS, "data.bad_records",
+                f"unknown policy {self.bad_records!r}; choose one of {', '.join(BAD_RECORDS)}")
+        if self.task == "files":
+            require(bool(self.path), "data.path", "the files task needs record files (JSONL or Parquet)")
+            require(bool(self.tokenizer), "data.tokenizer", "the files task needs a tokenizer directory")
+        else:                          # keys only the files task reads must not be set in vain
+            for name, default in (("path", ""), ("eval_path", ""), ("media_root", ""), ("tokenizer", ""),
+                                  ("bad_records", "skip"), ("image_tiles_max", 1), ("image_tile_size", 336)):
+                require(getattr(self, name) == default, f"data.{name}",
+                        f"only data.task=files reads it (data.task is {self.task!r})")
+        positive(self, "data", "image_tiles_max", "image_tile_size")
         require(self.oversize in OVERSIZE, "data.oversize",
                 f"unknown policy {self.oversize!r}; choose one of {', '.join(OVERSIZE)}")
         positive(self, "data", "seq_len", "microbatches", "prefetch", "eval_samples")

@@ -2,5 +2,6 @@
 
 `metadata`, `packing`, `oversize`, `synthetic`, `digits` and `stream` (batch index -> packed
 microbatches) are numpy-only, so the planner packs metadata exactly as the trainer packs
-samples without importing an input pipeline; `pipeline` adds grain and collation.
+samples without importing an input pipeline; `files` reads conversation records, media and a
+real tokenizer from disk (the files task); `pipeline` adds grain and collation.
 """

@@ -24,10 +24,17 @@ class Batch:
     metadata: tuple[tuple[SampleMeta, ...], ...]   # per microbatch, per sample
     index: int = 0                                 # position in the stream
     oversize: tuple[int, int] = (0, 0)             # samples (truncated, skipped) by data.oversize
+    epoch: int | None = None                       # the files task: the epoch of its newest record
+    records_skipped: dict = dataclasses.field(default_factory=dict)   # decode failures by reason
+    wait_seconds: float = 0.0                      # how long the step loop waited for it
 
 
-def collate(microbatches: Sequence[Sequence[Sample]], cfg: TrainConfig, seed: int) -> dict[str, np.ndarray]:
+def collate(microbatches: Sequence[Sequence[Sample]], cfg: TrainConfig, seed: int,
+            placeholders: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """`placeholders`: an encoder's placeholder id by its input key, where the data's ids are not
+    the spec's (a real tokenizer's)."""
     m, d = cfg.model, cfg.data
+    placeholders = placeholders or {}
     M, S = len(microbatches), d.seq_len
     a = {
         "tokens": np.full((M, S), PAD, np.int32),
@@ -44,7 +51,7 @@ def collate(microbatches: Sequence[Sequence[Sample]], cfg: TrainConfig, seed: in
             n = spec.capacity(d, sub)
             a[e.input_key] = np.zeros((M, n, *e.item_shape(sub)), np.float32)
             a[e.positions_key] = np.full((M, n, spec.tokens_per_item(sub)), S, np.int32)
-            encoders.append(e)
+            encoders.append((e, placeholders.get(e.input_key, e.placeholder)))
         elif spec.collate is not None:
             a.update(spec.collate.init(m, d, M, S))
             others.append(spec.collate)
@@ -61,11 +68,11 @@ def collate(microbatches: Sequence[Sequence[Sample]], cfg: TrainConfig, seed: in
             a["loss_mask"][i, off:off + L - 1] = s.labels[1:]
             a["segment_ids"][i, sl] = seg
             a["positions"][i, sl] = np.arange(L)
-            for k, e in enumerate(encoders):
+            for k, (e, placeholder) in enumerate(encoders):
                 f = e.sample_field          # an extra module's inputs are in `extra`, the built-ins' are fields
                 items = s.extra[f] if f in s.extra else getattr(s, f, None)
                 used[k] = _place(a, e.input_key, e.positions_key, i, used[k], items,
-                                 off + np.flatnonzero(s.tokens == e.placeholder))
+                                 off + np.flatnonzero(s.tokens == placeholder))
             for k, c in enumerate(others, start=len(encoders)):
                 used[k] = c.place(a, i, used[k], s, off, seed, m)
             off += L

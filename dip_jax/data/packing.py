@@ -113,3 +113,41 @@ def pack_into_batches(metas: Sequence[SampleMeta], budget: Budget, microbatches:
         batches.append([[metas[start + i] for i in mb] for mb in mbs])
         start += used
     return batches
+
+
+def pack_best_fit(metas: Sequence[SampleMeta], budget: Budget, microbatches: int, window: int = 16
+                  ) -> tuple[list[list[int]], list[int], bool]:
+    """Best fit over `microbatches` open microbatches: each sample in stream order goes to the
+    fullest microbatch (by sequence tokens) it still fits; one that fits none is deferred, and
+    the batch closes after `window` deferrals in a row or when the stream ends.
+
+    Returns (microbatches as sample indices, the samples not placed in order, whether the batch
+    closed; if not, the stream ran out first and a longer one extends the same decisions).
+    Every microbatch gets a sample before the batch closes, since a sample fits an empty one.
+    """
+    bins: list[list[int]] = [[] for _ in range(microbatches)]
+    used = [[0] * len(budget.capacity) for _ in range(microbatches)]
+    deferred: list[int] = []
+    misses = 0
+    for i, meta in enumerate(metas):
+        if not budget.fits_alone(meta):
+            raise ValueError(f"sample {i} ({meta}) does not fit in one microbatch {budget.capacity}")
+        u = budget.usage(meta)
+        fits = [b for b in range(microbatches) if all(a + x <= c for a, x, c in zip(used[b], u, budget.capacity))]
+        if not fits:
+            deferred.append(i)
+            misses += 1
+            if misses > window and all(bins):
+                return bins, deferred + list(range(i + 1, len(metas))), True
+            continue
+        misses = 0
+        b = max(fits, key=lambda b: (used[b][0], -b))
+        bins[b].append(i)
+        used[b] = [a + x for a, x in zip(used[b], u)]
+    return bins, deferred, False
+
+
+def padding_fraction(metadata: Sequence[Sequence[SampleMeta]], budget: Budget) -> float:
+    """The share of a batch's sequence slots that hold no sample token."""
+    used = sum(budget.usage(m)[0] for mb in metadata for m in mb)
+    return 1.0 - used / max(1, len(metadata) * budget.seq_len)

@@ -16,16 +16,21 @@ class PackedBatches(PackedStream):
     resumption exact."""
 
     def __call__(self, index: int) -> Batch:
-        packed, metadata, oversize = self._packed(index)
-        return Batch(collate(packed, self.cfg, self.cfg.data.seed), metadata, int(index), oversize)
+        if self.files is None:
+            packed, metadata, oversize = self._packed(index)
+            return Batch(collate(packed, self.cfg, self.cfg.data.seed), metadata, int(index), oversize)
+        f = self.files
+        packed, failed = f.samples(int(index))
+        arrays = collate(packed, self.cfg, self.cfg.data.seed, f.dataset.placeholders)
+        return Batch(arrays, f.metadata(int(index)), int(index), f.oversize(int(index)), f.epoch(int(index)), failed)
 
 
-def batch_dataset(cfg: TrainConfig, split: str = "train") -> grain.MapDataset:
-    return grain.MapDataset.range(0, STREAM_LENGTH).map(PackedBatches(cfg, split))
+def batch_dataset(cfg: TrainConfig, split: str = "train", cache_dir=None) -> grain.MapDataset:
+    return grain.MapDataset.range(0, STREAM_LENGTH).map(PackedBatches(cfg, split, cache_dir=cache_dir))
 
 
-def train_iterator(cfg: TrainConfig):
+def train_iterator(cfg: TrainConfig, cache_dir=None):
     """A checkpointable grain iterator over training batches (state: the next batch index)."""
-    ds = batch_dataset(cfg, "train").to_iter_dataset(
+    ds = batch_dataset(cfg, "train", cache_dir).to_iter_dataset(
         grain.ReadOptions(num_threads=1, prefetch_buffer_size=cfg.data.prefetch))
     return iter(ds)

@@ -7,6 +7,8 @@ metadata here, so both see exactly the same microbatches without importing an in
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from dip_jax.config import TrainConfig
@@ -15,6 +17,13 @@ from dip_jax.data.packing import Budget, pack_greedy
 
 _SPLIT_CODE = {"train": 0, "eval": 1}
 _IDS_PER_BATCH = 1 << 20
+
+
+@functools.lru_cache(maxsize=4)
+def file_stream(cfg: TrainConfig, split: str, cache_dir: str | None = None):
+    """One FileStream per (config, split, index cache): its index is read once per process."""
+    from dip_jax.data.files.source import FileStream
+    return FileStream(cfg, split, cache_dir)
 
 
 def sample_source(cfg: TrainConfig, split: str, content: bool = True):
@@ -28,22 +37,30 @@ def sample_source(cfg: TrainConfig, split: str, content: bool = True):
 class PackedStream:
     """A batch index -> its `data.microbatches` packed microbatches of samples."""
 
-    def __init__(self, cfg: TrainConfig, split: str = "train", content: bool = True):
+    def __init__(self, cfg: TrainConfig, split: str = "train", content: bool = True, cache_dir=None):
+        """`cache_dir`: where the files task keeps its metadata index."""
         self.cfg, self.split, self.content = cfg, split, content
-        self.samples = sample_source(cfg, split, content)
+        self.files = file_stream(cfg, split, None if cache_dir is None else str(cache_dir)) \
+            if cfg.data.task == "files" else None
+        self.samples = None if self.files is not None else sample_source(cfg, split, content)
         self.budget = Budget.from_config(cfg)
 
     def metadata(self, index: int) -> tuple[tuple, ...]:
         """Just the batch's metadata, per microbatch (what the planner sees)."""
-        return self._packed(index)[1]
+        return self.metadata_and_oversize(index)[0]
 
     def metadata_and_oversize(self, index: int):
         """(metadata per microbatch, (samples truncated, samples skipped)) of one batch."""
+        if self.files is not None:                 # from the index: nothing decoded
+            return self.files.metadata(int(index)), self.files.oversize(int(index))
         _, metadata, oversize = self._packed(index)
         return metadata, oversize
 
     def _packed(self, index: int):
         index = int(index)
+        if self.files is not None:
+            packed, _ = self.files.samples(index)
+            return packed, self.files.metadata(index), self.files.oversize(index)
         d = self.cfg.data
         rng = np.random.default_rng([d.seed, _SPLIT_CODE[self.split], index])
         stream, drawn = [], 0

@@ -44,9 +44,10 @@ def check_args(args) -> None:
         raise ConfigError(f"--budget: must be > 0 seconds, got {args.budget:g}")
 
 
-def batches_for(cfg, args):
+def batches_for(cfg, args, index_dir=None):
     """(batches, over-long sample counts). A metadata file is packed exactly as the trainer
-    packs, over-long samples handled by `data.oversize`."""
+    packs, over-long samples handled by `data.oversize`; the files task's batches come from its
+    metadata index (kept in `index_dir`), nothing decoded."""
     from dip_jax.data.metadata import read_metadata_jsonl
     from dip_jax.data.oversize import OversizeCounts, fit_metas
     from dip_jax.data.packing import Budget, pack_into_batches
@@ -62,7 +63,7 @@ def batches_for(cfg, args):
         raise ConfigError(f"--metadata: needed for module {cfg.model.extra_modules[0][0]!r} "
                           f"(the synthetic data brings no items for it)")
     from dip_jax.data.stream import PackedStream
-    source = PackedStream(cfg, content=False)
+    source = PackedStream(cfg, content=False, cache_dir=index_dir)
     counts = OversizeCounts()
     batches = []
     for i in range(args.batches):
@@ -86,13 +87,13 @@ def main(argv=None) -> int:
         bad = [s for s in names if s not in SCHEDULERS]
         if bad:
             raise ConfigError(f"--schedulers: unknown {bad}; choose from {', '.join(SCHEDULERS)}")
-        batches, oversize = batches_for(cfg, args)
+        out = pathlib.Path(args.out or f"runs/plan_{cfg.model.name}")
+        batches, oversize = batches_for(cfg, args, out / "data_index")
         # a model with modules the synthetic task cannot describe scores partitions on the file's batches
         ctx = PlanContext(cfg, args.hardware, probe_batches=batches if cfg.model.extra_modules else None)
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = pathlib.Path(args.out or f"runs/plan_{cfg.model.name}")
     out.mkdir(parents=True, exist_ok=True)
     print(f"{cfg.model.name}: P={cfg.mesh.pipe} TP={cfg.mesh.tensor} on {ctx.hw.name}, "
           f"{len(batches)} batches x {cfg.data.microbatches} microbatches; DIP chunks "

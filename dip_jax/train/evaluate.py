@@ -26,12 +26,13 @@ def label_order(loss_mask, segment_ids):
     return steps
 
 
-def greedy_accuracy(logits_fn, params, batches, put) -> dict[str, float]:
+def greedy_accuracy(logits_fn, params, batches, put, ignore=None) -> dict[str, float]:
     """Greedy decoding: each answer token is predicted from the model's own earlier answers.
 
-    eval_accuracy is per digit; eval_sequence_accuracy counts samples whose digits and final
-    EOS are all right.
+    eval_accuracy is per answer token, not counting `ignore` (default: the digits task's EOS);
+    eval_sequence_accuracy counts samples whose labels are all right.
     """
+    ignore = np.asarray(sorted((EOS,) if ignore is None else ignore), np.int64)
     digit_ok = digit_n = seq_ok = seq_n = 0
     for batch in batches:
         a = batch.arrays
@@ -52,7 +53,7 @@ def greedy_accuracy(logits_fn, params, batches, put) -> dict[str, float]:
             for seg in np.unique(segs[segs > 0]):
                 lab = np.flatnonzero(target_pos[r] & (segs == seg)) + 1
                 truth, got = a["tokens"][r, lab], answer[r, lab]
-                is_digit = truth != EOS
+                is_digit = ~np.isin(truth, ignore)
                 digit_ok += int(np.sum((truth == got) & is_digit))
                 digit_n += int(np.sum(is_digit))
                 seq_ok += int(np.all(truth == got))

@@ -18,8 +18,9 @@ from flax import nnx
 
 from dip_jax.config import ConfigError, TrainConfig
 from dip_jax.data.oversize import OversizeCounts
-from dip_jax.data.packing import Budget
+from dip_jax.data.packing import Budget, padding_fraction
 from dip_jax.data.pipeline import batch_dataset, train_iterator
+from dip_jax.data.stream import file_stream
 from dip_jax.runtime import distributed
 from dip_jax.runtime.distributed import broadcast_json, gather_ints
 from dip_jax.runtime.mesh import mesh_for, mesh_shape
@@ -43,21 +44,28 @@ PLAN_FIELDS = ("scheduler", "predicted_step_seconds", "prediction_error", "lower
                "step_compiled", "stored_fraction", "predicted_peak_gb", "compiled_peak_gb")
 
 
+def _key(cache_dir) -> str | None:
+    return None if cache_dir is None else str(cache_dir)
+
+
 def _eval_batch_count(cfg: TrainConfig, probe) -> int:
     per_batch = max(1, sum(len(mb) for mb in probe.metadata))
     return max(1, math.ceil(cfg.data.eval_samples / per_batch))
 
 
 class Evaluator:
-    """Held-out loss (through the pipelined executor when one runs) and, for the digits task,
+    """Held-out loss (through the pipelined executor when one runs) and, for the digits and files tasks,
     greedy decoding accuracy (decoding needs logits, so it uses the unpipelined model)."""
 
-    def __init__(self, cfg: TrainConfig, graphdef, mesh, pipelined=None):
+    def __init__(self, cfg: TrainConfig, graphdef, mesh, pipelined=None, cache_dir=None):
         self.cfg, self.mesh, self.pipelined = cfg, mesh, pipelined
-        source = batch_dataset(cfg, "eval")
+        source = batch_dataset(cfg, "eval", cache_dir)
         first = source[0]
-        self.batches = [first] + [source[i] for i in range(1, _eval_batch_count(cfg, first))]
+        count = (file_stream(cfg, "eval", _key(cache_dir)).eval_batch_count(cfg.data.eval_samples)
+                 if cfg.data.task == "files" else _eval_batch_count(cfg, first))
+        self.batches = [first] + [source[i] for i in range(1, count)]
         self.loss_fn = make_eval_loss(graphdef)
+        self.cache_dir = cache_dir
         self.logits_fn = make_logits_fn(graphdef)
 
     def put(self, arrays):
@@ -69,9 +77,12 @@ class Evaluator:
         else:
             losses = [float(self.loss_fn(params, self.put(b.arrays))) for b in self.batches]
         out = {"eval_loss": float(np.mean(losses))}
-        if self.cfg.data.task == "digits":
+        if self.cfg.data.task in ("digits", "files"):
             model_params = self.pipelined.model_params(params) if self.pipelined is not None else params
-            out.update(greedy_accuracy(self.logits_fn, model_params, self.batches, self.put))
+            # the files task scores answer tokens, not the template's special tokens
+            ignore = (file_stream(self.cfg, "eval", _key(self.cache_dir)).dataset.tok.special_ids
+                      if self.cfg.data.task == "files" else None)
+            out.update(greedy_accuracy(self.logits_fn, model_params, self.batches, self.put, ignore))
         return out
 
 
@@ -90,7 +101,9 @@ class BatchFeed:
 
     def _fill(self, upto: int) -> None:
         while self.next_step <= min(upto, self.cfg.train.steps):
+            t0 = time.perf_counter()
             batch = next(self.data)
+            batch.wait_seconds = time.perf_counter() - t0
             self.queue.append((self.next_step, batch, self.data.get_state()))
             if self.planner is not None:
                 self.planner.submit(self.next_step, batch.metadata)
@@ -197,10 +210,26 @@ def _stop_after_interrupt(stop: tuple[int, list[int]], interrupts, ckpt, step: i
                       f"process to resume", code, everywhere=True)
 
 
+def _check_files(cfg: TrainConfig, index_dir: pathlib.Path, lead: bool) -> dict:
+    """The files task's index and tokenizer (ConfigError on a bad key, file or record); the bad
+    records skipped by reason."""
+    if cfg.data.task != "files":
+        return {}
+    dataset = file_stream(cfg, "train", str(index_dir)).dataset
+    skipped = dict(dataset.skipped)
+    if cfg.data.eval_path:
+        file_stream(cfg, "eval", str(index_dir))
+    if lead and dataset.warning():
+        print(f"dip_jax: {dataset.warning()}", flush=True)
+    return skipped
+
+
 def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interrupts, peers: PeerLoss | None) -> dict:
     # memory first: a config too large for this host is refused with the hint to plan it instead,
     # whatever else does not fit (the paper's configs also ask for more devices than a laptop has)
     check_state_fits(cfg, jax.local_devices()[: cfg.mesh.devices])
+    index_dir = workdir / "data_index"
+    records_skipped = _check_files(cfg, index_dir, lead)     # bad data and vocabularies fail before compiling
     mesh = mesh_for(cfg)
 
     graphdef, model = abstract_model(cfg)
@@ -229,7 +258,7 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
         reference = make_train_step(graphdef, tx, shardings=shardings)
         step_fn = lambda state, batch, plan: reference(state, put_batch(batch.arrays, mesh))
     state = create_state(cfg, tx, mesh, layouts)
-    data = train_iterator(cfg)
+    data = train_iterator(cfg, index_dir)
     ckpt = (CheckpointGuard(Checkpointer(workdir / "checkpoints", cfg.checkpoint, layouts, mesh), lead)
             if cfg.checkpoint.enabled else None)
     start = 0
@@ -241,8 +270,9 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
         if planner is not None:
             planner.close()
         return _finished(cfg, workdir, start, lead)
-    evaluator = (Evaluator(cfg, graphdef, mesh, step_fn if pipelined else None)
-                 if (cfg.train.eval_every or cfg.data.task == "digits") else None)
+    has_eval = cfg.data.task != "files" or bool(cfg.data.eval_path)
+    evaluator = (Evaluator(cfg, graphdef, mesh, step_fn if pipelined else None, index_dir)
+                 if has_eval and (cfg.train.eval_every or cfg.data.task in ("digits", "files")) else None)
     log = MetricsWriter(workdir, cfg.train.steps, start, cfg.train.progress and lead, enabled=lead)
     stats = RunStats()
     stats.add_history(read_records(workdir / "metrics.jsonl", start) if lead and start else [])
@@ -258,6 +288,7 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
               f"on one device", flush=True)
 
     t_start, final_eval = time.perf_counter(), {}
+    budget, paddings = Budget.from_config(cfg), []
     step = start
     try:
         for step, batch, data_state, plan in BatchFeed(cfg, data, start, planner, pipelined):
@@ -268,6 +299,10 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
             state, metrics = step_fn(state, batch, plan)
             stats.add_plan(plan)
             stats.add_oversize(batch.oversize)
+            for reason, n in batch.records_skipped.items():
+                records_skipped[reason] = records_skipped.get(reason, 0) + n
+            padding = padding_fraction(batch.metadata, budget)
+            paddings.append(padding)
             finite = guard.observe(step, {k: float(metrics[k]) for k in ("loss", "grad_norm", "update_skipped")})   # waits
             timeline = lead and plan is not None and _wants_timeline(cfg, step, start)
             if timeline or step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -283,7 +318,8 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
                               flush=True)
                 record = log.write("train", step, step_seconds=measured, batch_index=batch.index,
                                    samples=sum(len(mb) for mb in batch.metadata), samples_truncated=batch.oversize[0],
-                                   samples_skipped=batch.oversize[1], **metrics, **fields)
+                                   samples_skipped=batch.oversize[1], epoch=batch.epoch, padding_fraction=padding,
+                                   data_wait_seconds=batch.wait_seconds, **metrics, **fields)
                 stats.add_record(record)
                 log.progress(step, loss=metrics["loss"])
                 if timeline:
@@ -299,6 +335,11 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
                 ckpt.save(step, state, data_state, force=step == cfg.train.steps)
         if evaluator is not None:
             final_eval = log.write("eval", cfg.train.steps, **evaluator(state["params"]))
+    except ConfigError:
+        # a bad record met while decoding a batch (data.bad_records=error): keep what was trained
+        if ckpt is not None and step > start and ckpt.latest_step() != step:
+            ckpt.save(step, state, data_state, force=True, wait=True)
+        raise
     except BaseException as e:
         _after_failure(peers, e)               # before closing: a save cannot finish without the lost peer
         raise
@@ -311,6 +352,7 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
     wall = time.perf_counter() - t_start
     summary = {"steps": cfg.train.steps, "resumed_from": start, "schedule": cfg.pipeline.schedule,
                **placement, "wall_seconds": wall, **stats.summary(wall),
+               "padding_fraction": float(np.mean(paddings)) if paddings else None, "records_skipped": records_skipped,
                **{k: v for k, v in final_eval.items() if k.startswith("eval")}}
     if lead:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
