@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dip_jax.config import AudioConfig
-from dip_jax.models.layers import Block, Projector, rms_norm
+from dip_jax.models.layers import Block, Projector, norm
 from dip_jax.models.stack import ChunkedModule, make_stack
 
 
@@ -19,7 +19,7 @@ class AudioEncoder(ChunkedModule):
         self.conv2 = nnx.Conv(cfg.dim, cfg.dim, (k,), **conv)
         self.pos = nnx.Param(0.02 * nnx.initializers.normal()(rngs.params(), (cfg.tokens_per_clip, cfg.dim)))
         self.blocks = make_stack(lambda r: Block(cfg, r, dtype), cfg.layers, rngs)
-        self.norm = rms_norm(cfg.dim, rngs, dtype)
+        self.norm = norm(cfg, rngs, dtype)
         self.projector = Projector(cfg.dim, out_dim, rngs, dtype)
 
     def embed(self, frames):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dip_jax.config import VisionConfig
-from dip_jax.models.layers import Block, Projector, linear, rms_norm
+from dip_jax.models.layers import Block, Projector, linear, norm
 from dip_jax.models.stack import ChunkedModule, make_stack
 
 
@@ -22,7 +22,7 @@ class ViT(ChunkedModule):
         self.patch_embed = linear(cfg.patch_size ** 2 * cfg.channels, cfg.dim, rngs, bias=True, dtype=dtype)
         self.pos = nnx.Param(0.02 * nnx.initializers.normal()(rngs.params(), (cfg.patches, cfg.dim)))
         self.blocks = make_stack(lambda r: Block(cfg, r, dtype), cfg.layers, rngs)
-        self.norm = rms_norm(cfg.dim, rngs, dtype)
+        self.norm = norm(cfg, rngs, dtype)
         self.projector = Projector(cfg.spatial_merge ** 2 * cfg.dim, out_dim, rngs, dtype)
 
     def embed(self, images):

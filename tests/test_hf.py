@@ -1,0 +1,175 @@
+"""Hugging Face checkpoints against transformers itself (the reference), offline: tiny random
+models of each family saved with save_pretrained (sharded and not), imported through the
+forward checker, exported and reloaded; broken checkpoints fail in one line, exit 2."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from conftest import run_cli
+from dip_jax.config import LLMConfig
+from dip_jax.hf import __main__ as cli
+from dip_jax.hf.convert import export_directory, resolve_model
+from dip_jax.hf.forward import forward, load_module
+from dip_jax.hf.safetensors_io import HFError
+
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 4}
+BACKBONES = {
+    # GQA, untied, Llama-3 rope scaling and theta, checkpoint epsilon; saved in 5 shards
+    "llama_gqa": ("LlamaForCausalLM", dict(num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0,
+                                           rope_scaling=LLAMA3_ROPE), "20KB"),
+    # MHA, tied embeddings, every linear biased
+    "llama_mha_tied": ("LlamaForCausalLM", dict(num_key_value_heads=4, tie_word_embeddings=True,
+                                                attention_bias=True, mlp_bias=True), None),
+    "qwen2": ("Qwen2ForCausalLM", dict(num_key_value_heads=2, rms_norm_eps=1e-6), "16KB"),
+    "qwen2_tied": ("Qwen2ForCausalLM", dict(num_key_value_heads=1, tie_word_embeddings=True), None),
+}
+
+
+def save_backbone(path, cls: str, extra: dict, shard=None, seed=0):
+    torch.manual_seed(seed)
+    config_cls = getattr(transformers, cls.replace("ForCausalLM", "Config"))
+    model = getattr(transformers, cls)(config_cls(**TINY, **extra)).eval()
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    return model
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {name: (root / name, save_backbone(root / name, cls, extra, shard))
+            for name, (cls, extra, shard) in BACKBONES.items()}
+
+
+def ids(seed=0, shape=(2, 11)):
+    return np.random.RandomState(seed).randint(0, TINY["vocab_size"], shape)
+
+
+def hf_logits(model, input_ids):
+    with torch.no_grad():
+        return model(torch.tensor(input_ids)).logits.numpy()
+
+
+def assert_parity(out, ref):
+    assert out.shape == ref.shape
+    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max(), np.abs(out - ref).max()
+    np.testing.assert_array_equal(out.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_forward_checker_matches_transformers(backbones, tmp_path, name):
+    path, model = backbones[name]
+    x = ids()
+    np.savez(tmp_path / "in.npz", input_ids=x)
+    assert cli.main(["forward", "--checkpoint", str(path), "--inputs", str(tmp_path / "in.npz"),
+                     "--out", str(tmp_path / "out.npz")]) == 0
+    assert_parity(np.load(tmp_path / "out.npz")["logits"], hf_logits(model, x))
+    if BACKBONES[name][2]:
+        assert (path / "model.safetensors.index.json").exists() and len(list(path.glob("*.safetensors"))) > 2
+
+
+def test_negative_control_wrong_epsilon_breaks_parity(backbones):
+    """The checkpoint's epsilon matters at this tolerance: flax's default 1e-6 instead of 1e-5
+    is caught (so the parity check can fail)."""
+    import dataclasses
+    import jax
+    from flax import nnx
+    path, model = backbones["llama_gqa"]
+    _, cfg, module = load_module(path)
+    assert cfg.norm_eps == 1e-5
+    wrong = nnx.merge(nnx.graphdef(load_module_with(cfg, dataclasses.replace(cfg, norm_eps=1e-6))), nnx.state(module))
+    x = ids()
+    out = np.asarray(wrong({"tokens": x, "segment_ids": np.ones_like(x), "positions": np.broadcast_to(np.arange(11), x.shape)})[1])
+    with pytest.raises(AssertionError):
+        assert_parity(out, hf_logits(model, x))
+    assert jax is not None
+
+
+def load_module_with(_, cfg):
+    from flax import nnx
+    from dip_jax.models.llm import LLM
+    return nnx.eval_shape(lambda: LLM(cfg, nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2_tied"])
+def test_export_round_trip_reloads_in_transformers(backbones, tmp_path, name):
+    """import -> export (no training) -> transformers.from_pretrained: the original outputs
+    within 1e-5 relative; the export is sharded with an index and keeps the config's family."""
+    import jax
+    from flax import nnx
+    path, model = backbones[name]
+    family, cfg, module = load_module(path)
+    params = jax.tree.map(np.asarray, nnx.state(module))
+    out = export_directory("llm", _with_source(cfg, path), params, tmp_path / "out", max_shard_bytes=20_000)
+    assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").exists()
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model_type"] == family.model_type
+    back = getattr(transformers, BACKBONES[name][0]).from_pretrained(out).eval()
+    x = ids(1)
+    ref, got = hf_logits(model, x), hf_logits(back, x)
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def _with_source(cfg, path):
+    import dataclasses
+    return dataclasses.replace(cfg, init_from=str(path))
+
+
+def test_conflicting_override_names_both_values(backbones):
+    path, _ = backbones["qwen2"]
+    from dip_jax.config import ModelConfig
+    with pytest.raises(HFError, match=r"model\.llm\.dim=48 conflicts with .*config\.json, which gives 32"):
+        resolve_model(ModelConfig(vision=None, audio=None, llm=LLMConfig(dim=48, heads=4, init_from=str(path))))
+    cfg = resolve_model(ModelConfig(vision=None, audio=None, llm=LLMConfig(init_from=str(path))))
+    assert (cfg.llm.dim, cfg.llm.kv_heads, cfg.llm.qkv_bias, cfg.llm.out_bias) == (32, 2, True, False)
+
+
+def _broken(backbones, tmp_path, name="qwen2"):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(backbones[name][0], dst)
+    return dst
+
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def _shards(path):
+    return sorted(path.glob("model-*.safetensors"))
+
+
+BREAKS = {
+    "shape": (lambda p: _edit_config(p, intermediate_size=40), r"model\.layers\.0\.mlp\.\w+_proj\.weight has shape"),
+    "extra tensor": (lambda p: _edit_config(p, num_hidden_layers=1), r"tensor model\.layers\.1\.\S+ is not part"),
+    "missing tensor": (lambda p: _edit_config(p, num_hidden_layers=3), r"tensor model\.layers\.2\.\S+ is missing"),
+    "missing shard": (lambda p: _shards(p)[1].unlink(), r"shard model-00002-of-\d+\.safetensors .*is missing"),
+    "model_type": (lambda p: _edit_config(p, model_type="gpt17"), r"config\.json: unknown model_type 'gpt17'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BREAKS))
+def test_broken_checkpoint_is_one_line_naming_file_and_tensor(backbones, tmp_path, case):
+    path = _broken(backbones, tmp_path)
+    breaks, pattern = BREAKS[case]
+    breaks(path)
+    with pytest.raises(HFError, match=pattern) as err:
+        forward(path, {"input_ids": ids()})
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_cli_error_exits_2_with_one_line(backbones, tmp_path):
+    path = _broken(backbones, tmp_path)
+    _shards(path)[0].unlink()
+    np.savez(tmp_path / "in.npz", input_ids=ids())
+    res = run_cli("dip_jax.hf", "forward", "--checkpoint", str(path), "--inputs", str(tmp_path / "in.npz"),
+                  "--out", str(tmp_path / "out.npz"), timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model-00001-of-" in lines[0] and "missing" in lines[0], res.stderr
