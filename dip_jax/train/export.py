@@ -40,13 +40,16 @@ def read_params(ckpt_dir: pathlib.Path, module: str, step: int | None):
     """(step, the module's parameters in the model layout, as numpy)."""
     if not ckpt_dir.is_dir():
         raise ConfigError(f"{ckpt_dir}: no checkpoints")
-    manager = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data", "layout"))
+    manager = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data", "layout"),
+                                    item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                   "data": ocp.JsonCheckpointHandler(), "layout": ocp.JsonCheckpointHandler()})
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
         raise ConfigError(f"{ckpt_dir}: no checkpoint of step {step} (have {manager.all_steps()})")
     layouts = layouts_from_json(manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))["layout"])
     cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     meta = manager.item_metadata(step)["state"]
+    meta = getattr(meta, "tree", meta)
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=cpu), meta)
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     manager.close()
