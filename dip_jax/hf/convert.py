@@ -107,18 +107,26 @@ def read_tensor(ckpt: Checkpoint, name: str, kind: str, index: tuple = ()) -> np
 def read_leaf(ckpt: Checkpoint, entry: tuple[str, str], rel: tuple[str, ...], layers=None, index: tuple = ()):
     """One parameter: a block parameter stacked over `layers` (layer indices), else the tensor."""
     name, kind = entry
-    if rel[0] == "blocks":
-        return np.stack([read_tensor(ckpt, name.format(i=int(i)), kind, index) for i in layers])
-    return read_tensor(ckpt, name, kind, index)
+    if rel[0] != "blocks":
+        return read_tensor(ckpt, name, kind, index)
+    out = None
+    for j, i in enumerate(layers):          # into one buffer: no list of layers beside the stack
+        a = read_tensor(ckpt, name.format(i=int(i)), kind, index)
+        if out is None:
+            out = np.empty((len(layers),) + a.shape, np.float32)
+        out[j] = a
+    return out
 
 
-def load_params(ckpt: Checkpoint, family: Family, cfg, shapes):
-    """The module's parameters (model layout [L, ...]) from the checkpoint, as numpy arrays."""
+def load_params(ckpt: Checkpoint, family: Family, cfg, shapes, put=np.asarray):
+    """The module's parameters (model layout [L, ...]) from the checkpoint, each leaf passed
+    through `put` as soon as it is read (e.g. onto a device), so that only one leaf's host copy
+    is alive at a time."""
     table = check_tensors(ckpt, family, cfg, shapes)
 
     def leaf(path, x):
         rel = leaf_keys(path)
-        return read_leaf(ckpt, table[rel], rel, range(x.shape[0]) if rel[0] == "blocks" else None)
+        return put(read_leaf(ckpt, table[rel], rel, range(x.shape[0]) if rel[0] == "blocks" else None))
     return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 

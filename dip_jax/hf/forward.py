@@ -20,8 +20,8 @@ def load_module(directory):
     cfg = module_config(CONFIG_CLASSES[family.module](), ckpt, family, f"model.{family.module}")
     abstract = nnx.eval_shape(lambda: BUILD[family.module](cfg))
     graphdef, shapes = nnx.split(abstract)
-    params = load_params(ckpt, family, cfg, shapes)
-    return family, cfg, nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
+    params = load_params(ckpt, family, cfg, shapes, put=jax.device_put)
+    return family, cfg, nnx.merge(graphdef, params)
 
 
 def _llm(module, inputs):
