@@ -173,3 +173,62 @@ def test_cli_error_exits_2_with_one_line(backbones, tmp_path):
     assert res.returncode == 2, res.stderr[-2000:]
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "model-00001-of-" in lines[0] and "missing" in lines[0], res.stderr
+
+
+TOWER = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=16,
+             patch_size=4, num_channels=3)
+TOWERS = {
+    "siglip": ("SiglipVisionModel", dict(layer_norm_eps=1e-6), "12KB"),       # + its pooling head, unused
+    "clip": ("CLIPVisionModel", dict(layer_norm_eps=1e-5), None),
+}
+
+
+@pytest.fixture(scope="module")
+def towers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("towers")
+    out = {}
+    for name, (cls, extra, shard) in TOWERS.items():
+        torch.manual_seed(1)
+        model = getattr(transformers, cls)(getattr(transformers, cls.replace("Model", "Config"))(**TOWER, **extra)).eval()
+        model.save_pretrained(root / name, **({"max_shard_size": shard} if shard else {}))
+        out[name] = (root / name, model)
+    return out
+
+
+def pixels(seed=0):
+    return np.random.RandomState(seed).randn(2, 3, 16, 16).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", list(TOWERS))
+def test_vision_tower_last_hidden_state_matches_transformers(towers, tmp_path, name):
+    path, model = towers[name]
+    np.savez(tmp_path / "in.npz", pixel_values=pixels())
+    assert cli.main(["forward", "--checkpoint", str(path), "--inputs", str(tmp_path / "in.npz"),
+                     "--out", str(tmp_path / "out.npz")]) == 0
+    out = np.load(tmp_path / "out.npz")["last_hidden_state"]
+    with torch.no_grad():
+        ref = model(pixel_values=torch.tensor(pixels())).last_hidden_state.numpy()
+    assert out.shape == ref.shape == (2, 16 + (name == "clip"), 32)
+    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_feature_layer_keeps_the_layers_up_to_llava_hidden_state(towers):
+    """vision_feature_layer=-2: the tower's first 2 of 3 layers, no final norm: transformers'
+    hidden_states[-2]; the last layer's tensors stay unread."""
+    import jax.numpy as jnp
+    from flax import nnx
+    from dip_jax.config import ModelConfig, VisionConfig
+    from dip_jax.hf.convert import load_params, open_checkpoint
+    from dip_jax.models.vit import ViT
+    path, model = towers["clip"]
+    cfg = resolve_model(ModelConfig(audio=None, vision=VisionConfig(init_from=str(path), feature_layer=-2,
+                                                                    spatial_merge=2))).vision
+    assert (cfg.layers, cfg.head_norm, cfg.class_token) == (2, False, True)
+    ckpt, family = open_checkpoint(path, "vision")
+    graphdef, shapes = nnx.split(nnx.eval_shape(lambda: ViT(cfg, 24, nnx.Rngs(0))))
+    vit = nnx.merge(graphdef, load_params(ckpt, family, cfg, shapes, put=jnp.asarray))
+    x = vit.run_blocks(vit.layer_params(), vit.embed(jnp.asarray(pixels().transpose(0, 2, 3, 1))), None)
+    with torch.no_grad():
+        ref = model(pixel_values=torch.tensor(pixels()), output_hidden_states=True).hidden_states[-2].numpy()
+    assert np.abs(np.asarray(vit.features(x)) - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert vit.head(x).shape == (2, 4, 24)        # class token dropped, 2x2 merge, projected

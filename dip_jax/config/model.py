@@ -66,6 +66,18 @@ class VisionConfig(BlockConfig):
     patch_size: int = 4
     channels: int = 3
     spatial_merge: int = 2
+    # tower families (CLIP, SigLIP): a class token (dropped before the projector, as LLaVA's
+    # default feature selection does), a bias on the patch embedding, a norm after the
+    # embeddings (CLIP's pre_layrnorm) and the final norm before the projector
+    class_token: bool = False
+    patch_bias: bool = True
+    pre_norm: bool = False
+    head_norm: bool = True
+    # what of a pretrained tower feeds the projector: 0 = its last_hidden_state (SigLIP's with
+    # its final norm); k != 0 = hidden_states[k] as LLaVA's vision_feature_layer counts them
+    # (-1: the last layer's output, -2: the one before; no final norm): init_from keeps the
+    # layers up to it
+    feature_layer: int = 0
 
     def check(self, prefix: str = "model.vision") -> None:
         self._check(prefix)
@@ -87,11 +99,17 @@ class VisionConfig(BlockConfig):
     def tokens_per_image(self) -> int:
         return self.patches // self.spatial_merge ** 2
 
+    @property
+    def tokens(self) -> int:
+        """Tokens through the blocks: the patches and the class token, if any."""
+        return self.patches + self.class_token
+
     def embed_params(self) -> int:
-        return self.patch_size ** 2 * self.channels * self.dim + self.dim + self.patches * self.dim
+        return self.patch_size ** 2 * self.channels * self.dim + self.dim * self.patch_bias + \
+            self.tokens * self.dim + self.dim * self.class_token + self.norm_params() * self.pre_norm
 
     def head_params(self, out_dim: int) -> int:
-        return self.norm_params() + projector_params(self.spatial_merge ** 2 * self.dim, out_dim)
+        return self.norm_params() * self.head_norm + projector_params(self.spatial_merge ** 2 * self.dim, out_dim)
 
     def param_count(self, out_dim: int) -> int:
         return self.embed_params() + self.layers * self.block_params() + self.head_params(out_dim)

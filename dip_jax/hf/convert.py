@@ -14,11 +14,13 @@ import shutil
 import jax
 import numpy as np
 
-from dip_jax.config import LLMConfig, ModelConfig
-from dip_jax.hf.families import LINEAR, Family, default_family, family_of
+from dip_jax.config import LLMConfig, ModelConfig, VisionConfig
+from dip_jax.hf.families import LINEAR, PATCH, Family, default_family, family_of
 from dip_jax.hf.safetensors_io import Checkpoint, HFError, write_sharded
 
-CONFIG_CLASSES = {"llm": LLMConfig}
+CONFIG_CLASSES = {"llm": LLMConfig, "vision": VisionConfig}
+# parameters no checkpoint holds: they start from their random init (an encoder's projector)
+FRESH = ("projector",)
 # tensors a checkpoint may hold that are not parameters (older rotary caches)
 _IGNORED = ("rotary_emb.inv_freq",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -43,6 +45,12 @@ def module_config(base, ckpt: Checkpoint, family: Family, prefix: str):
     """`base` with the architecture keys of the checkpoint's config.json. A key the config set
     away from its default to another value than the checkpoint's is a conflict."""
     arch = family.arch(ckpt.config, str(ckpt.dir / "config.json"))
+    if getattr(base, "feature_layer", 0):
+        n, k = arch["layers"], base.feature_layer
+        arch["layers"] = n + 1 + k if k < 0 else k          # hidden_states[k] follows k layers
+        arch["head_norm"] = False
+        if not 0 < arch["layers"] <= n:
+            raise HFError(f"{prefix}.feature_layer={k} selects no layer of the {n} in {ckpt.dir / 'config.json'}")
     default = type(base)()
     for key, value in arch.items():
         mine = getattr(base, key)
@@ -64,29 +72,41 @@ def resolve_model(model: ModelConfig) -> ModelConfig:
     return model.with_modules(subs) if subs else model
 
 
-def _expected(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+def _expected(kind: str, shape: tuple[int, ...], cfg) -> tuple[int, ...]:
+    if kind == PATCH:
+        return (shape[1], cfg.channels, cfg.patch_size, cfg.patch_size)
     return tuple(reversed(shape)) if kind == LINEAR else tuple(shape)
+
+
+def _prefixed(ckpt: Checkpoint, family: Family, table: dict) -> dict:
+    """The table with the prefix under which this checkpoint keeps the family's tensors."""
+    probe = next(iter(table.values()))[0].format(i=0)
+    names = ckpt.names()
+    prefix = next((p for p in family.prefixes if p + probe in names), "")
+    return {rel: (prefix + name, kind) for rel, (name, kind) in table.items()}
 
 
 def check_tensors(ckpt: Checkpoint, family: Family, cfg, shapes) -> dict:
     """Every parameter's tensor is there with the shape config.json implies, and the checkpoint
     holds nothing else. `shapes`: the module's parameter tree (ShapeDtypeStructs or arrays).
     Returns the table {parameter path: (name, kind)}."""
-    table = family.names(cfg)
+    table = _prefixed(ckpt, family, family.names(cfg))
     seen = set()
     for path, x in jax.tree_util.tree_flatten_with_path(shapes)[0]:
         rel = leaf_keys(path)
+        if rel[0] in FRESH:
+            continue
         if rel not in table:
             raise HFError(f"{ckpt.dir}: no tensor of {family.model_type} maps to parameter {'/'.join(rel)}")
         name, kind = table[rel]
         if rel[0] == "blocks":
             for i in range(x.shape[0]):
-                ckpt.check_shape(name.format(i=i), _expected(kind, x.shape[1:]))
+                ckpt.check_shape(name.format(i=i), _expected(kind, x.shape[1:], cfg))
                 seen.add(name.format(i=i))
         else:
-            ckpt.check_shape(name, _expected(kind, x.shape))
+            ckpt.check_shape(name, _expected(kind, x.shape, cfg))
             seen.add(name)
-    extra = sorted(n for n in ckpt.names() - seen if not n.endswith(_IGNORED))
+    extra = sorted(n for n in ckpt.names() - seen if not n.endswith(_IGNORED) and not family.unused(n, cfg))
     if extra:
         raise HFError(f"{ckpt.dir / ckpt.files[extra[0]]}: tensor {extra[0]} is not part of the model "
                       f"config.json describes ({len(extra)} such tensors)")
@@ -99,6 +119,9 @@ def read_tensor(ckpt: Checkpoint, name: str, kind: str, index: tuple = ()) -> np
     if kind == LINEAR:
         cols, rows = index
         return ckpt.read(name, rows=rows)[:, cols].T
+    if kind == PATCH:                        # [D, C, p, p] -> [(p, p, C), D], patchify's order
+        w = ckpt.read(name)
+        return w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0])[index]
     if not index:
         return ckpt.read(name)
     return ckpt.read(name, rows=index[0])[(slice(None),) + index[1:]]
@@ -126,6 +149,8 @@ def load_params(ckpt: Checkpoint, family: Family, cfg, shapes, put=np.asarray):
 
     def leaf(path, x):
         rel = leaf_keys(path)
+        if rel not in table:                 # FRESH: left to the caller (zeros here)
+            return put(np.zeros(x.shape, np.float32))
         return put(read_leaf(ckpt, table[rel], rel, range(x.shape[0]) if rel[0] == "blocks" else None))
     return jax.tree_util.tree_map_with_path(leaf, shapes)
 
@@ -156,6 +181,8 @@ def export_directory(module: str, cfg, params, out, max_shard_bytes: int = 2 << 
     source = pathlib.Path(cfg.init_from) if getattr(cfg, "init_from", "") else None
     base = json.loads((source / "config.json").read_text()) if source and (source / "config.json").is_file() else {}
     family = family_of(base, str(source / "config.json")) if base else default_family(module, cfg)
+    if family.to_json is None:
+        raise HFError(f"model.{module}: export of {family.model_type} is not supported (backbones only)")
     config = family.to_json(cfg, base)
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("model*.safetensors*"):

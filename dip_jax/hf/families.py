@@ -12,7 +12,7 @@ from typing import Callable
 
 from dip_jax.hf.safetensors_io import HFError
 
-LINEAR, AS_IS = "linear", "as_is"
+LINEAR, AS_IS, PATCH = "linear", "as_is", "patch"       # patch: a conv kernel [D, C, p, p]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,8 +21,12 @@ class Family:
     module: str                                   # the dip_jax module it initialises
     arch: Callable[[dict, str], dict]             # config.json, its path -> module config keys
     names: Callable[[object], dict]               # module config -> {path: (tensor name, kind)}
-    to_json: Callable[[object, dict], dict]       # module config, a base config.json -> config.json
+    to_json: Callable[[object, dict], dict] | None  # module config, a base config.json -> config.json
     architecture: str = ""                        # transformers class for `architectures`
+    # checkpoint tensors the module does not use, by name and module config (a pooling head,
+    # the layers past the feature layer)
+    unused: Callable[[str, object], bool] = lambda name, cfg: False
+    prefixes: tuple[str, ...] = ("",)             # where a composite model keeps this part
 
 
 def _need(cfg: dict, key: str, where: str):
@@ -115,11 +119,84 @@ def _decoder_json(model_type: str, architecture: str) -> Callable[[object, dict]
     return to_json
 
 
+_ACTS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu"}
+
+
+def _tower_arch(family: str) -> Callable[[dict, str], dict]:
+    def arch(cfg: dict, where: str) -> dict:
+        cfg = cfg.get("vision_config", cfg)
+        act = cfg.get("hidden_act", "gelu_pytorch_tanh" if family == "siglip" else "quick_gelu")
+        if act not in _ACTS:
+            raise HFError(f"{where}: hidden_act={act!r} not supported (one of {sorted(_ACTS)})")
+        heads = int(_need(cfg, "num_attention_heads", where))
+        return {
+            "layers": int(_need(cfg, "num_hidden_layers", where)), "dim": int(_need(cfg, "hidden_size", where)),
+            "mlp_hidden": int(_need(cfg, "intermediate_size", where)), "heads": heads, "kv_heads": heads,
+            "image_size": int(_need(cfg, "image_size", where)), "patch_size": int(_need(cfg, "patch_size", where)),
+            "channels": int(cfg.get("num_channels", 3)), "norm": "layer",
+            "norm_eps": float(cfg.get("layer_norm_eps", 1e-6 if family == "siglip" else 1e-5)), "mlp": _ACTS[act],
+            "qkv_bias": True, "out_bias": True, "mlp_bias": True, "class_token": family == "clip",
+            "patch_bias": family == "siglip", "pre_norm": family == "clip",
+            # last_hidden_state: SigLIP's after its post_layernorm, CLIP's before (CLIP norms
+            # its pooled class token only)
+            "head_norm": family == "siglip",
+        }
+    return arch
+
+
+def _tower_names(family: str) -> Callable[[object], dict]:
+    def names(cfg) -> dict:
+        t = {("patch_embed", "kernel"): ("embeddings.patch_embedding.weight", PATCH),
+             ("pos",): ("embeddings.position_embedding.weight", AS_IS)}
+        if cfg.patch_bias:
+            t[("patch_embed", "bias")] = ("embeddings.patch_embedding.bias", AS_IS)
+        if cfg.class_token:
+            t[("cls",)] = ("embeddings.class_embedding", AS_IS)
+        if cfg.pre_norm:
+            t.update(_layer_norm(("pre_norm",), "pre_layrnorm"))
+        if cfg.head_norm:
+            t.update(_layer_norm(("norm",), "post_layernorm"))
+        layer = "encoder.layers.{i}."
+        t.update(_layer_norm(("blocks", "attn_norm"), layer + "layer_norm1"))
+        t.update(_layer_norm(("blocks", "mlp_norm"), layer + "layer_norm2"))
+        for p, hf in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj")):
+            t[("blocks", "attn", p, "kernel")] = (layer + f"self_attn.{hf}.weight", LINEAR)
+            t[("blocks", "attn", p, "bias")] = (layer + f"self_attn.{hf}.bias", AS_IS)
+        for p, hf in (("up", "fc1"), ("down", "fc2")):
+            t[("blocks", "mlp", p, "kernel")] = (layer + f"mlp.{hf}.weight", LINEAR)
+            t[("blocks", "mlp", p, "bias")] = (layer + f"mlp.{hf}.bias", AS_IS)
+        return t
+    return names
+
+
+def _layer_norm(path: tuple, name: str) -> dict:
+    return {path + ("scale",): (name + ".weight", AS_IS), path + ("bias",): (name + ".bias", AS_IS)}
+
+
+def _tower_unused(name: str, cfg) -> bool:
+    """SigLIP's attention-pooling head; the final norm when the head does not apply it; the
+    layers past the feature layer."""
+    name = name.removeprefix("vision_model.")
+    if name.startswith("head.") or (not cfg.head_norm and name.startswith("post_layernorm.")):
+        return True
+    parts = name.split(".")
+    return name.startswith("encoder.layers.") and int(parts[2]) >= cfg.layers
+
+
+def _tower(family: str, architecture: str) -> Family:
+    return Family(family, "vision", _tower_arch(family), _tower_names(family), None, architecture,
+                  _tower_unused, ("", "vision_model."))
+
+
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", "llm", _decoder_arch("llama"), _decoder_names, _decoder_json("llama", "LlamaForCausalLM"),
                     "LlamaForCausalLM"),
     "qwen2": Family("qwen2", "llm", _decoder_arch("qwen2"), _decoder_names, _decoder_json("qwen2", "Qwen2ForCausalLM"),
                     "Qwen2ForCausalLM"),
+    "siglip_vision_model": _tower("siglip", "SiglipVisionModel"),
+    "siglip": _tower("siglip", "SiglipModel"),
+    "clip_vision_model": _tower("clip", "CLIPVisionModel"),
+    "clip": _tower("clip", "CLIPModel"),
 }
 
 

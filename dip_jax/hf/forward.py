@@ -10,14 +10,19 @@ from flax import nnx
 from dip_jax.hf.convert import CONFIG_CLASSES, load_params, module_config, open_checkpoint
 from dip_jax.hf.safetensors_io import HFError
 from dip_jax.models.llm import LLM
+from dip_jax.models.vit import ViT
 
-BUILD = {"llm": lambda cfg: LLM(cfg, nnx.Rngs(0), jnp.float32)}
+BUILD = {"llm": lambda cfg: LLM(cfg, nnx.Rngs(0), jnp.float32),
+         "vision": lambda cfg: ViT(cfg, cfg.dim, nnx.Rngs(0), jnp.float32)}
+# what the checker builds beyond the checkpoint's keys: no spatial merge (its projector is unused)
+CHECKER = {"vision": {"spatial_merge": 1}}
 
 
 def load_module(directory):
     """(family, module config, the module with the checkpoint's parameters)."""
     ckpt, family = open_checkpoint(directory)
-    cfg = module_config(CONFIG_CLASSES[family.module](), ckpt, family, f"model.{family.module}")
+    base = CONFIG_CLASSES[family.module](**CHECKER.get(family.module, {}))
+    cfg = module_config(base, ckpt, family, f"model.{family.module}")
     abstract = nnx.eval_shape(lambda: BUILD[family.module](cfg))
     graphdef, shapes = nnx.split(abstract)
     params = load_params(ckpt, family, cfg, shapes, put=jax.device_put)
@@ -32,7 +37,14 @@ def _llm(module, inputs):
     return {"logits": np.asarray(out[1])}
 
 
-RUN = {"llm": ("input_ids", _llm)}
+def _tower(module, inputs):
+    """pixel_values [B, C, H, W] -> last_hidden_state [B, N, D]."""
+    images = jnp.asarray(np.asarray(inputs["pixel_values"], np.float32).transpose(0, 2, 3, 1))
+    x = module.run_blocks(module.layer_params(), module.embed(images), None)
+    return {"last_hidden_state": np.asarray(module.features(x))}
+
+
+RUN = {"llm": ("input_ids", _llm), "vision": ("pixel_values", _tower)}
 
 
 def forward(directory, inputs: dict) -> dict:

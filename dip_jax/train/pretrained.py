@@ -71,6 +71,7 @@ def loaders(cfg: TrainConfig, param_shapes, layouts: Layouts) -> dict[str, Loade
 
 
 def owner(path, found: dict) -> tuple[str, tuple[str, ...]] | None:
-    """(module, path inside it) when a parameter leaf belongs to a pretrained module."""
+    """(module, path inside it) when a parameter leaf is read from a checkpoint (a pretrained
+    module's fresh parts, e.g. its projector, keep their random init)."""
     keys = leaf_keys(path)
-    return (keys[0], keys[1:]) if keys and keys[0] in found else None
+    return (keys[0], keys[1:]) if keys and keys[0] in found and keys[1:] in found[keys[0]].table else None
