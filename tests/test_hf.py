@@ -232,3 +232,26 @@ def test_feature_layer_keeps_the_layers_up_to_llava_hidden_state(towers):
         ref = model(pixel_values=torch.tensor(pixels()), output_hidden_states=True).hidden_states[-2].numpy()
     assert np.abs(np.asarray(vit.features(x)) - ref).max() <= 1e-4 * np.abs(ref).max()
     assert vit.head(x).shape == (2, 4, 24)        # class token dropped, 2x2 merge, projected
+
+
+WHISPER = dict(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+               encoder_ffn_dim=48, decoder_ffn_dim=48, num_mel_bins=8, max_source_positions=12, vocab_size=64,
+               max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+
+
+@pytest.mark.parametrize("shard", [None, "10KB"])
+def test_whisper_encoder_last_hidden_state_matches_transformers(tmp_path, shard):
+    """WhisperModel (encoder + decoder saved; the decoder unread): the encoder's two-conv stem
+    (strides 1, 2; torch padding; exact GELU), its position table and k_proj without a bias."""
+    torch.manual_seed(2)
+    model = transformers.WhisperModel(transformers.WhisperConfig(**WHISPER)).eval()
+    model.save_pretrained(tmp_path / "whisper", **({"max_shard_size": shard} if shard else {}))
+    x = np.random.RandomState(0).randn(2, 8, 24).astype(np.float32)
+    np.savez(tmp_path / "in.npz", input_features=x)
+    assert cli.main(["forward", "--checkpoint", str(tmp_path / "whisper"), "--inputs", str(tmp_path / "in.npz"),
+                     "--out", str(tmp_path / "out.npz")]) == 0
+    out = np.load(tmp_path / "out.npz")["last_hidden_state"]
+    with torch.no_grad():
+        ref = model.encoder(torch.tensor(x)).last_hidden_state.numpy()
+    assert out.shape == ref.shape == (2, 12, 32)
+    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()

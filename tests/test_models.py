@@ -117,6 +117,7 @@ FAMILIES = {
     "gelu_tanh": dict(mlp="gelu_tanh", out_bias=True),
     "quick_gelu_qkv_bias": dict(mlp="quick_gelu", qkv_bias=True),
     "swiglu_biases": dict(qkv_bias=True, mlp_bias=True, norm_eps=1e-5),
+    "whisper_like": dict(norm="layer", mlp="gelu", qkv_bias=True, k_bias=False, out_bias=True, mlp_bias=True),
 }
 
 
@@ -124,7 +125,9 @@ def _family_model(opts, tied=True):
     import dataclasses
     r = lambda c, **kw: dataclasses.replace(c, **opts, **kw)
     extra = dict(tie_embeddings=tied, rope_scaling=(("factor", 4.0), ("rope_type", "linear"))) if tied else {}
-    return ModelConfig(vision=r(VIS), audio=r(AUD), llm=r(LLM_CFG, **extra), dit=r(DIT_CFG))
+    vis = dict(class_token=True, patch_bias=False, pre_norm=True, head_norm=False) if tied else {}
+    aud = dict(conv_strides=(1, 2), conv_padding="torch", conv_act="gelu") if tied else {}
+    return ModelConfig(vision=r(VIS, **vis), audio=r(AUD, **aud), llm=r(LLM_CFG, **extra), dit=r(DIT_CFG))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -29,6 +29,7 @@ class BlockConfig:
     norm_eps: float = 1e-6
     mlp: str = "swiglu"              # swiglu | gelu (exact) | gelu_tanh | quick_gelu
     qkv_bias: bool = False
+    k_bias: bool = True              # with qkv_bias: whether k has one too (Whisper's has none)
     out_bias: bool = False           # attention output projection
     mlp_bias: bool = False
     # a local Hugging Face directory whose weights (and architecture) the module starts from
@@ -50,7 +51,8 @@ class BlockConfig:
         return norm_params(self.dim, self.norm)
 
     def attn_params(self, kv_dim: Optional[int] = None) -> int:
-        return attention_params(self.dim, self.heads, self.kv_heads, kv_dim, self.qkv_bias, self.out_bias)
+        return attention_params(self.dim, self.heads, self.kv_heads, kv_dim, self.qkv_bias, self.out_bias,
+                                self.k_bias)
 
     def mlp_params(self) -> int:
         return mlp_params(self.dim, self.mlp_hidden, self.mlp, self.mlp_bias)
@@ -121,12 +123,25 @@ class AudioConfig(BlockConfig):
     frames_per_second: int = 32
     clip_seconds: float = 1.0
     conv_kernel: int = 3
+    # the two-conv stem: its strides, padding ("same", or "torch": kernel // 2 on both sides as
+    # torch's Conv1d(padding=1) does) and activation (Whisper: strides (1, 2), torch, gelu)
+    conv_strides: tuple = (2, 2)
+    conv_padding: str = "same"
+    conv_act: str = "gelu_tanh"
 
     def check(self, prefix: str = "model.audio") -> None:
         self._check(prefix)
         positive(self, prefix, "mel_bins", "frames_per_second", "clip_seconds", "conv_kernel")
-        require(self.frames_per_clip % 4 == 0, f"{prefix}.frames_per_second",
-                f"frames per clip ({self.frames_per_clip}) must be divisible by the 4x conv subsampling")
+        require(len(self.conv_strides) == 2 and all(s in (1, 2) for s in self.conv_strides), f"{prefix}.conv_strides",
+                f"two strides of 1 or 2, got {self.conv_strides!r}")
+        require(self.conv_padding in ("same", "torch"), f"{prefix}.conv_padding", "choose same or torch")
+        require(self.conv_act in MLPS[1:], f"{prefix}.conv_act", f"choose one of {MLPS[1:]}")
+        require(self.frames_per_clip % self.subsampling == 0, f"{prefix}.frames_per_second",
+                f"frames per clip ({self.frames_per_clip}) must be divisible by the {self.subsampling}x conv subsampling")
+
+    @property
+    def subsampling(self) -> int:
+        return self.conv_strides[0] * self.conv_strides[1]
 
     @property
     def frames_per_clip(self) -> int:
@@ -134,7 +149,7 @@ class AudioConfig(BlockConfig):
 
     @property
     def tokens_per_clip(self) -> int:
-        return self.frames_per_clip // 4
+        return self.frames_per_clip // self.subsampling
 
     def embed_params(self) -> int:
         k = self.conv_kernel

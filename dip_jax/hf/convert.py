@@ -14,11 +14,11 @@ import shutil
 import jax
 import numpy as np
 
-from dip_jax.config import LLMConfig, ModelConfig, VisionConfig
-from dip_jax.hf.families import LINEAR, PATCH, Family, default_family, family_of
+from dip_jax.config import AudioConfig, LLMConfig, ModelConfig, VisionConfig
+from dip_jax.hf.families import CONV1D, LINEAR, PATCH, Family, default_family, family_of
 from dip_jax.hf.safetensors_io import Checkpoint, HFError, write_sharded
 
-CONFIG_CLASSES = {"llm": LLMConfig, "vision": VisionConfig}
+CONFIG_CLASSES = {"llm": LLMConfig, "vision": VisionConfig, "audio": AudioConfig}
 # parameters no checkpoint holds: they start from their random init (an encoder's projector)
 FRESH = ("projector",)
 # tensors a checkpoint may hold that are not parameters (older rotary caches)
@@ -75,6 +75,8 @@ def resolve_model(model: ModelConfig) -> ModelConfig:
 def _expected(kind: str, shape: tuple[int, ...], cfg) -> tuple[int, ...]:
     if kind == PATCH:
         return (shape[1], cfg.channels, cfg.patch_size, cfg.patch_size)
+    if kind == CONV1D:
+        return (shape[2], shape[1], shape[0])
     return tuple(reversed(shape)) if kind == LINEAR else tuple(shape)
 
 
@@ -119,6 +121,8 @@ def read_tensor(ckpt: Checkpoint, name: str, kind: str, index: tuple = ()) -> np
     if kind == LINEAR:
         cols, rows = index
         return ckpt.read(name, rows=rows)[:, cols].T
+    if kind == CONV1D:
+        return ckpt.read(name).transpose(2, 1, 0)[index]
     if kind == PATCH:                        # [D, C, p, p] -> [(p, p, C), D], patchify's order
         w = ckpt.read(name)
         return w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0])[index]

@@ -12,7 +12,8 @@ from typing import Callable
 
 from dip_jax.hf.safetensors_io import HFError
 
-LINEAR, AS_IS, PATCH = "linear", "as_is", "patch"       # patch: a conv kernel [D, C, p, p]
+# patch: a conv kernel [D, C, p, p] (a linear over patches here); conv1d: [out, in, k] ([k, in, out] here)
+LINEAR, AS_IS, PATCH, CONV1D = "linear", "as_is", "patch", "conv1d"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +189,46 @@ def _tower(family: str, architecture: str) -> Family:
                   _tower_unused, ("", "vision_model."))
 
 
+def _whisper_arch(cfg: dict, where: str) -> dict:
+    act = cfg.get("activation_function", "gelu")
+    if act not in _ACTS:
+        raise HFError(f"{where}: activation_function={act!r} not supported (one of {sorted(_ACTS)})")
+    heads = int(_need(cfg, "encoder_attention_heads", where))
+    positions = int(_need(cfg, "max_source_positions", where))
+    # 10 ms frames; a clip is the 2 x max_source_positions frames the encoder takes
+    return {
+        "layers": int(_need(cfg, "encoder_layers", where)), "dim": int(_need(cfg, "d_model", where)),
+        "mlp_hidden": int(_need(cfg, "encoder_ffn_dim", where)), "heads": heads, "kv_heads": heads,
+        "mel_bins": int(_need(cfg, "num_mel_bins", where)), "frames_per_second": 100,
+        "clip_seconds": 2 * positions / 100, "conv_kernel": 3, "conv_strides": (1, 2), "conv_padding": "torch",
+        "conv_act": _ACTS[act], "norm": "layer", "norm_eps": 1e-5, "mlp": _ACTS[act],
+        "qkv_bias": True, "k_bias": False, "out_bias": True, "mlp_bias": True,
+    }
+
+
+def _whisper_names(cfg) -> dict:
+    t = {("conv1", "kernel"): ("encoder.conv1.weight", CONV1D), ("conv1", "bias"): ("encoder.conv1.bias", AS_IS),
+         ("conv2", "kernel"): ("encoder.conv2.weight", CONV1D), ("conv2", "bias"): ("encoder.conv2.bias", AS_IS),
+         ("pos",): ("encoder.embed_positions.weight", AS_IS)}
+    t.update(_layer_norm(("norm",), "encoder.layer_norm"))
+    layer = "encoder.layers.{i}."
+    t.update(_layer_norm(("blocks", "attn_norm"), layer + "self_attn_layer_norm"))
+    t.update(_layer_norm(("blocks", "mlp_norm"), layer + "final_layer_norm"))
+    for p, hf in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj")):
+        t[("blocks", "attn", p, "kernel")] = (layer + f"self_attn.{hf}.weight", LINEAR)
+        if p != "k":
+            t[("blocks", "attn", p, "bias")] = (layer + f"self_attn.{hf}.bias", AS_IS)
+    for p, hf in (("up", "fc1"), ("down", "fc2")):
+        t[("blocks", "mlp", p, "kernel")] = (layer + f"{hf}.weight", LINEAR)
+        t[("blocks", "mlp", p, "bias")] = (layer + f"{hf}.bias", AS_IS)
+    return t
+
+
+def _whisper_unused(name: str, cfg) -> bool:
+    """The decoder (and a generation head): the encoder is what initialises the audio module."""
+    return not name.removeprefix("model.").startswith("encoder.")
+
+
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", "llm", _decoder_arch("llama"), _decoder_names, _decoder_json("llama", "LlamaForCausalLM"),
                     "LlamaForCausalLM"),
@@ -197,6 +238,8 @@ FAMILIES: dict[str, Family] = {
     "siglip": _tower("siglip", "SiglipModel"),
     "clip_vision_model": _tower("clip", "CLIPVisionModel"),
     "clip": _tower("clip", "CLIPModel"),
+    "whisper": Family("whisper", "audio", _whisper_arch, _whisper_names, None, "WhisperModel", _whisper_unused,
+                      ("", "model.")),
 }
 
 

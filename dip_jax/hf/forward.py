@@ -9,11 +9,13 @@ from flax import nnx
 
 from dip_jax.hf.convert import CONFIG_CLASSES, load_params, module_config, open_checkpoint
 from dip_jax.hf.safetensors_io import HFError
+from dip_jax.models.audio import AudioEncoder
 from dip_jax.models.llm import LLM
 from dip_jax.models.vit import ViT
 
 BUILD = {"llm": lambda cfg: LLM(cfg, nnx.Rngs(0), jnp.float32),
-         "vision": lambda cfg: ViT(cfg, cfg.dim, nnx.Rngs(0), jnp.float32)}
+         "vision": lambda cfg: ViT(cfg, cfg.dim, nnx.Rngs(0), jnp.float32),
+         "audio": lambda cfg: AudioEncoder(cfg, cfg.dim, nnx.Rngs(0), jnp.float32)}
 # what the checker builds beyond the checkpoint's keys: no spatial merge (its projector is unused)
 CHECKER = {"vision": {"spatial_merge": 1}}
 
@@ -44,7 +46,14 @@ def _tower(module, inputs):
     return {"last_hidden_state": np.asarray(module.features(x))}
 
 
-RUN = {"llm": ("input_ids", _llm), "vision": ("pixel_values", _tower)}
+def _audio(module, inputs):
+    """input_features [B, n_mels, frames] -> last_hidden_state [B, frames / 2, D]."""
+    frames = jnp.asarray(np.asarray(inputs["input_features"], np.float32).transpose(0, 2, 1))
+    x = module.run_blocks(module.layer_params(), module.embed(frames), None)
+    return {"last_hidden_state": np.asarray(module.features(x))}
+
+
+RUN = {"llm": ("input_ids", _llm), "vision": ("pixel_values", _tower), "audio": ("input_features", _audio)}
 
 
 def forward(directory, inputs: dict) -> dict:

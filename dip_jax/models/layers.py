@@ -90,7 +90,7 @@ class Attention(nnx.Module):
         self.heads, self.kv_heads, self.head_dim = h, kv, hd
         b = cfg.qkv_bias
         self.q = linear(d, h * hd, rngs, bias=b, dtype=dtype)
-        self.k = linear(d, kv * hd, rngs, bias=b, dtype=dtype)
+        self.k = linear(d, kv * hd, rngs, bias=b and cfg.k_bias, dtype=dtype)
         self.v = linear(d, kv * hd, rngs, bias=b, dtype=dtype)
         self.o = linear(h * hd, d, rngs, bias=cfg.out_bias, dtype=dtype)
 

@@ -6,10 +6,10 @@ from typing import Optional
 
 
 def attention_params(dim: int, heads: int, kv_heads: int, kv_dim: Optional[int] = None,
-                     qkv_bias: bool = False, out_bias: bool = False) -> int:
+                     qkv_bias: bool = False, out_bias: bool = False, k_bias: bool = True) -> int:
     head_dim = dim // heads
     kv_dim = dim if kv_dim is None else kv_dim
-    biases = (heads + 2 * kv_heads) * head_dim * qkv_bias + dim * out_bias
+    biases = (heads + (1 + k_bias) * kv_heads) * head_dim * qkv_bias + dim * out_bias
     return dim * heads * head_dim + 2 * kv_dim * kv_heads * head_dim + heads * head_dim * dim + biases
 
 
