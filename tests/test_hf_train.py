@@ -63,3 +63,51 @@ def test_export_of_trained_run_loads_in_transformers_and_equals_forward(pretrain
         before = pretrained_runs["model"](torch.tensor(ids)).logits.numpy()
     assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()
     assert np.abs(theirs - before).max() > 1e-3 * np.abs(before).max()     # the export is the trained state
+
+
+@pytest.fixture(scope="module")
+def llava_runs(root, tmp_path_factory, xla_cache):
+    """configs/llava_tiny.py on scripts/make_tiny_hf.py's checkpoints, 2 steps, DIP and the
+    unpipelined reference."""
+    import subprocess
+    import sys
+    from dip_jax.config.overrides import apply_overrides, load_config_file
+    from dip_jax.train.trainer import run
+    tmp = tmp_path_factory.mktemp("llava")
+    subprocess.run([sys.executable, str(root / "scripts/make_tiny_hf.py"), "--out", str(tmp / "hf")], check=True,
+                   capture_output=True, timeout=300)
+    out = {"hf": tmp / "hf"}
+    for sched in ("dip", "none"):
+        cfg = apply_overrides(load_config_file(root / "configs/llava_tiny.py"), [
+            f"model.vision.init_from={tmp / 'hf/siglip'}", f"model.llm.init_from={tmp / 'hf/qwen2'}",
+            "train.progress=false", f"pipeline.compile_cache_dir={xla_cache}", "train.steps=2", "checkpoint.every=2",
+            "train.timeline_first=0", "train.timeline_every=0", f"pipeline.schedule={sched}"])
+        run(cfg, tmp / sched)
+        out[sched] = [r for r in map(json.loads, open(tmp / sched / "metrics.jsonl")) if r["kind"] == "train"]
+    out["workdir"] = tmp / "dip"
+    return out
+
+
+def test_llava_tiny_trains_pipelined_with_the_pretrained_tower_frozen(llava_runs):
+    import jax
+    from dip_jax.hf.convert import load_params, open_checkpoint
+    from dip_jax.train.export import module_config, read_params
+    np.testing.assert_allclose(llava_runs["dip"][0]["loss"], llava_runs["none"][0]["loss"], rtol=1e-5)
+    _, trained = read_params(llava_runs["workdir"] / "checkpoints", "vision", None)
+    cfg = module_config(json.loads((llava_runs["workdir"] / "config.json").read_text()), "vision")
+    assert (cfg.layers, cfg.norm, cfg.head_norm, cfg.mlp) == (4, "layer", False, "gelu_tanh")
+    ckpt, family = open_checkpoint(cfg.init_from, "vision")
+    loaded = load_params(ckpt, family, cfg, trained)
+    flat = lambda t: {k: v for k, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+    got, want = flat(trained), flat(loaded)
+    for key in want:
+        if "projector" not in jax.tree_util.keystr(key):        # the tower is the checkpoint's, unchanged
+            np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=str(key))
+    # while the backbone did train in those steps (so an unfrozen tower would have moved too)
+    _, llm = read_params(llava_runs["workdir"] / "checkpoints", "llm", None)
+    llm_cfg = module_config(json.loads((llava_runs["workdir"] / "config.json").read_text()), "llm")
+    ckpt, family = open_checkpoint(llm_cfg.init_from, "llm")
+    start = load_params(ckpt, family, llm_cfg, llm)
+    trained_llm, start = flat(llm), flat(start)
+    assert all(not np.array_equal(np.asarray(trained_llm[k]), np.asarray(start[k])) for k in start
+               if "blocks" in jax.tree_util.keystr(k))
