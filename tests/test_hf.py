@@ -74,26 +74,20 @@ def test_forward_checker_matches_transformers(backbones, tmp_path, name):
 
 
 def test_negative_control_wrong_epsilon_breaks_parity(backbones):
-    """The checkpoint's epsilon matters at this tolerance: flax's default 1e-6 instead of 1e-5
-    is caught (so the parity check can fail)."""
+    """The checkpoint's epsilon matters at this tolerance: the same parameters in a module at
+    flax's default 1e-6 instead of config.json's 1e-5 fail the parity check."""
     import dataclasses
-    import jax
     from flax import nnx
+    from dip_jax.models.llm import LLM
     path, model = backbones["llama_gqa"]
     _, cfg, module = load_module(path)
     assert cfg.norm_eps == 1e-5
-    wrong = nnx.merge(nnx.graphdef(load_module_with(cfg, dataclasses.replace(cfg, norm_eps=1e-6))), nnx.state(module))
+    wrong_cfg = dataclasses.replace(cfg, norm_eps=1e-6)
+    wrong = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: LLM(wrong_cfg, nnx.Rngs(0)))), nnx.state(module))
     x = ids()
-    out = np.asarray(wrong({"tokens": x, "segment_ids": np.ones_like(x), "positions": np.broadcast_to(np.arange(11), x.shape)})[1])
+    out = wrong({"tokens": x, "segment_ids": np.ones_like(x), "positions": np.broadcast_to(np.arange(11), x.shape)})
     with pytest.raises(AssertionError):
-        assert_parity(out, hf_logits(model, x))
-    assert jax is not None
-
-
-def load_module_with(_, cfg):
-    from flax import nnx
-    from dip_jax.models.llm import LLM
-    return nnx.eval_shape(lambda: LLM(cfg, nnx.Rngs(0)))
+        assert_parity(np.asarray(out[1]), hf_logits(model, x))
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "qwen2_tied"])
@@ -105,7 +99,10 @@ def test_export_round_trip_reloads_in_transformers(backbones, tmp_path, name):
     path, model = backbones[name]
     family, cfg, module = load_module(path)
     params = jax.tree.map(np.asarray, nnx.state(module))
+    (path / "tokenizer_config.json").write_text('{"model_max_length": 64}')
     out = export_directory("llm", _with_source(cfg, path), params, tmp_path / "out", max_shard_bytes=20_000)
+    assert (out / "tokenizer_config.json").read_text() == '{"model_max_length": 64}'
+    (path / "tokenizer_config.json").unlink()
     assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").exists()
     saved = json.loads((out / "config.json").read_text())
     assert saved["model_type"] == family.model_type
@@ -113,6 +110,23 @@ def test_export_round_trip_reloads_in_transformers(backbones, tmp_path, name):
     x = ids(1)
     ref, got = hf_logits(model, x), hf_logits(back, x)
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_export_of_a_module_trained_from_scratch_is_a_llama(tmp_path):
+    """No init_from: the default block (RMSNorm at 1e-6, bias-free SwiGLU, rope theta) exports as
+    a fresh LlamaForCausalLM config whose transformers logits equal dip_jax's."""
+    import jax
+    from flax import nnx
+    from dip_jax.models.llm import LLM
+    cfg = LLMConfig(layers=2, dim=32, mlp_hidden=48, heads=4, kv_heads=2, vocab_size=64, rope_theta=5000.0)
+    module = LLM(cfg, nnx.Rngs(3))
+    out = export_directory("llm", cfg, jax.tree.map(np.asarray, nnx.state(module)), tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    back = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    x = ids(2)
+    ours = np.asarray(module({"tokens": x, "segment_ids": np.ones_like(x),
+                              "positions": np.broadcast_to(np.arange(x.shape[1]), x.shape)})[1])
+    assert_parity(ours, hf_logits(back, x))
 
 
 def _with_source(cfg, path):
