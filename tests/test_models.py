@@ -159,3 +159,15 @@ def test_defaults_are_the_plain_block():
     leaves = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]}
     assert not any("bias" in k for k in leaves) and any("lm_head" in k for k in leaves)
     assert LLM(LLM_CFG, nnx.Rngs(0)).blocks.attn_norm.epsilon == 1e-6
+
+
+@pytest.mark.parametrize("family", ["layernorm_gelu_biases", "whisper_like"])
+def test_block_family_in_bf16_keeps_float32_parameters_and_tracks_float32(family):
+    import dataclasses
+    cfg = dataclasses.replace(LLM_CFG, **FAMILIES[family], tie_embeddings=True)
+    f32, bf16 = LLM(cfg, nnx.Rngs(0)), LLM(cfg, nnx.Rngs(0), jnp.bfloat16)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(bf16)))
+    x = _inputs("llm", None)
+    a, b = np.asarray(f32(x)[1]), np.asarray(bf16(x)[1].astype(jnp.float32))
+    assert bf16(x)[1].dtype == jnp.bfloat16
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
