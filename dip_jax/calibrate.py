@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         if path is None:
             raise ConfigError("--config is required")
         cfg = apply_overrides(load_config_file(path), overrides)
+        from dip_jax.train.pretrained import resolve
+        cfg = resolve(cfg)           # init_from modules: their checkpoint's architecture
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
