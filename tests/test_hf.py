@@ -203,7 +203,8 @@ def towers(tmp_path_factory):
     out = {}
     for name, (cls, extra, shard) in TOWERS.items():
         torch.manual_seed(1)
-        model = getattr(transformers, cls)(getattr(transformers, cls.replace("Model", "Config"))(**TOWER, **extra)).eval()
+        config = getattr(transformers, cls.replace("Model", "Config"))(**TOWER, **extra)
+        model = getattr(transformers, cls)(config).eval()
         model.save_pretrained(root / name, **({"max_shard_size": shard} if shard else {}))
         out[name] = (root / name, model)
     return out

@@ -137,7 +137,8 @@ class AudioConfig(BlockConfig):
         require(self.conv_padding in ("same", "torch"), f"{prefix}.conv_padding", "choose same or torch")
         require(self.conv_act in MLPS[1:], f"{prefix}.conv_act", f"choose one of {MLPS[1:]}")
         require(self.frames_per_clip % self.subsampling == 0, f"{prefix}.frames_per_second",
-                f"frames per clip ({self.frames_per_clip}) must be divisible by the {self.subsampling}x conv subsampling")
+                f"frames per clip ({self.frames_per_clip}) must be divisible by the "
+                f"{self.subsampling}x conv subsampling")
 
     @property
     def subsampling(self) -> int:

@@ -104,7 +104,8 @@ def _decoder_json(model_type: str, architecture: str) -> Callable[[object, dict]
         if cfg.norm != "rms" or cfg.mlp != "swiglu":
             raise HFError(f"model.llm: {model_type} needs norm='rms', mlp='swiglu' (got {cfg.norm!r}, {cfg.mlp!r})")
         out = {k: v for k, v in base.items() if k not in ("rope_scaling", "rope_theta", "torch_dtype")}
-        rope = {"rope_theta": cfg.rope_theta, **(dict(cfg.rope_scaling) if cfg.rope_scaling else {"rope_type": "default"})}
+        scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else {"rope_type": "default"}
+        rope = {"rope_theta": cfg.rope_theta, **scaling}
         out.update({
             "model_type": model_type, "architectures": [architecture], "hidden_size": cfg.dim,
             "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.layers,

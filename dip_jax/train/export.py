@@ -40,9 +40,9 @@ def read_params(ckpt_dir: pathlib.Path, module: str, step: int | None):
     """(step, the module's parameters in the model layout, as numpy)."""
     if not ckpt_dir.is_dir():
         raise ConfigError(f"{ckpt_dir}: no checkpoints")
-    manager = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data", "layout"),
-                                    item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                                   "data": ocp.JsonCheckpointHandler(), "layout": ocp.JsonCheckpointHandler()})
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                "layout": ocp.JsonCheckpointHandler()}
+    manager = ocp.CheckpointManager(ckpt_dir, item_names=tuple(handlers), item_handlers=handlers)
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
         raise ConfigError(f"{ckpt_dir}: no checkpoint of step {step} (have {manager.all_steps()})")

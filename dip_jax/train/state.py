@@ -76,7 +76,8 @@ def create_state(cfg: TrainConfig, tx, mesh, layouts: Layouts) -> dict:
     flat, tree = jax.tree_util.tree_flatten_with_path(shapes["params"])
     owners = [pretrained.owner(path, found) for path, _ in flat]
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        host = jax.jit(lambda: [None if o else a for o, a in zip(owners, jax.tree.leaves(_initial_params(cfg, layouts)))])()
+        host = jax.jit(lambda: [None if o else a
+                                for o, a in zip(owners, jax.tree.leaves(_initial_params(cfg, layouts)))])()
     params = jax.tree.unflatten(tree, [
         found[o[0]].array(o[1], x.shape, x.sharding, layouts.get(o[0])) if o else _from_host(np.asarray(a), x.sharding)
         for o, a, (_, x) in zip(owners, host, flat)])
