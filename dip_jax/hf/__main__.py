@@ -2,7 +2,9 @@
 `python -m dip_jax.hf export --workdir RUN [--step N] --module llm --out DIR [--max-shard-mb M]`
 
 forward: loads DIR through the import path (the family from its config.json's model_type) and
-runs the module in float32: input_ids -> logits for a backbone.
+runs the module in float32 on the inputs, named as transformers names them: input_ids ->
+logits (Llama, Qwen2), pixel_values -> last_hidden_state (SigLIP, CLIP vision towers),
+input_features -> last_hidden_state (the Whisper encoder).
 export: the trained module of a run's checkpoint as a Hugging Face directory.
 
 This file is the command's application entry: `export` reads a run's orbax checkpoint, which
