@@ -55,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from dip_jax.runtime.mesh import configure_host_devices, mesh_for
     configure_host_devices()
+    from dip_jax.train.pretrained import resolve
+    try:
+        cfg = resolve(cfg)           # init_from modules: their checkpoint's architecture
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from dip_jax.plan.schedulers import PlanContext
     from dip_jax.train.optim import build_optimizer
     from dip_jax.train.pipelined import PipelinedStep

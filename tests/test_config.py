@@ -69,3 +69,21 @@ def test_cli_rejects_mesh_larger_than_devices(tmp_path):
     res = run_cli("dip_jax.train", "--config", "configs/tiny_cpu.py", "--config.mesh.data=4",
                   "--config.data.microbatches=16", f"--workdir={tmp_path}", timeout=180)
     assert res.returncode != 0 and "mesh" in res.stderr.splitlines()[-1], res.stderr
+
+
+def test_files_task_tokenizer_defaults_to_the_backbones_checkpoint(root, tmp_path):
+    from dip_jax.config import ConfigError
+    from dip_jax.config.overrides import apply_overrides, load_config_file
+    base = load_config_file(root / "configs/tiny_cpu.py")
+    files = ["data.task=files", f"data.path={tmp_path / 'train.jsonl'}", "model.audio=none"]
+    with pytest.raises(ConfigError, match="data.tokenizer: the files task needs a tokenizer directory"):
+        apply_overrides(base, files)
+    ckpt = tmp_path / "llm"
+    ckpt.mkdir()
+    with pytest.raises(ConfigError, match="data.tokenizer"):        # a checkpoint without a tokenizer
+        apply_overrides(base, [*files, f"model.llm.init_from={ckpt}"])
+    (ckpt / "tokenizer.json").write_text("{}")
+    cfg = apply_overrides(base, [*files, f"model.llm.init_from={ckpt}"])
+    assert cfg.tokenizer_dir() == str(ckpt)
+    own = tmp_path / "own"
+    assert apply_overrides(base, [*files, f"model.llm.init_from={ckpt}", f"data.tokenizer={own}"]).tokenizer_dir() == str(own)

@@ -7,6 +7,7 @@ One compiled program per configuration serves every plan (fixed buckets).
 """
 import random
 import re
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -36,20 +37,27 @@ UNIT_COSTS = Costs(latency=lambda op: 1.0 if op.kind == "F" else 2.0)
 
 
 class Setup:
-    def __init__(self, modules, data, pipe=4, tensor=1, blk=BLK):
+    def __init__(self, modules, data, pipe=4, tensor=1, blk=BLK, llm=None, random_biases=False):
         BLK = blk
         self.cfg = TrainConfig(
             model=ModelConfig(
                 vision=VisionConfig(layers=5, image_size=8, patch_size=4, channels=1, spatial_merge=1, **BLK)
                 if "vision" in modules else None,
                 audio=AudioConfig(layers=4, mel_bins=8, frames_per_second=16, **BLK) if "audio" in modules else None,
-                llm=LLMConfig(layers=9, vocab_size=64, **BLK),
+                llm=LLMConfig(layers=9, vocab_size=64, **BLK, **(llm or {})),
                 dit=DiTConfig(layers=4, latent_channels=4, latent_frames_per_second=2, tokens_per_frame=2,
                               cond_tokens=6, time_embed_dim=16, **BLK) if "dit" in modules else None),
             mesh=MeshConfig(data=data, pipe=pipe, tensor=tensor),
             data=DataConfig(seq_len=48, microbatches=4 * data, max_images=4, max_audio_clips=2, max_video_clips=3))
         self.model = LMM(self.cfg.model, nnx.Rngs(0))
         self.params = nnx.state(self.model)
+        if random_biases:        # biases start at zero: nothing would tell where they are added
+            key = jax.random.key(7)
+            self.params = jax.tree_util.tree_map_with_path(
+                lambda p, x: 0.1 * jax.random.normal(jax.random.fold_in(key, zlib.crc32(jax.tree_util.keystr(p).encode())),
+                                                     x.shape) if "['bias']" in jax.tree_util.keystr(p) else x,
+                self.params)
+            nnx.update(self.model, self.params)
         self.batch = PackedBatches(self.cfg)(1)
         graphdef = nnx.graphdef(self.model)
         self.ref = jax.jit(jax.value_and_grad(lambda p: nnx.merge(graphdef, p)(self.batch.arrays)[0]))(self.params)

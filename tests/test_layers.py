@@ -63,7 +63,7 @@ def cycles(tree: pathlib.Path) -> subprocess.CompletedProcess:
 def test_contracts_hold_and_no_module_is_in_an_import_cycle(root):
     res = contracts(root)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-    assert "Contracts: 6 kept, 0 broken." in res.stdout, res.stdout[-2000:]
+    assert "Contracts: 7 kept, 0 broken." in res.stdout, res.stdout[-2000:]
     res = cycles(root)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
 
@@ -97,6 +97,10 @@ BREAKS = [
     ("specs/builtin.py", "from dip_jax.config import attention_params", "layers"),
     ("specs/builtin.py", "from dip_jax.data.metadata import IMG", "layers"),
     ("data/packing.py", "import grain", "data-is-numpy"),
+    ("hf/convert.py", "from dip_jax.train import state", "hf-below-runtime"),
+    ("hf/forward.py", "from dip_jax.runtime import sharding", "hf-below-runtime"),
+    ("hf/families.py", "from dip_jax.train import export", "layers"),
+    ("models/llm.py", "from dip_jax.hf import convert", "layers"),
     ("plan/schedule.py", "from dip_jax.plan.validate import validate", "acyclic"),
     ("plan/schedule.py", "from dip_jax.plan.validate import validate", None),
     ("specs/builtin.py", "from dip_jax import specs", None),     # a package and its own module

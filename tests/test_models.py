@@ -109,3 +109,65 @@ def test_tiny_param_counts_match_formula_with_every_module():
     cfg = ModelConfig(vision=VIS, audio=AUD, llm=LLM_CFG, dit=DIT_CFG)
     counts = module_param_counts(build_model(cfg))
     assert counts == {m: cfg.module_param_count(m) for m in cfg.modules}
+
+
+# the block families pretrained checkpoints need, each option away from its default
+FAMILIES = {
+    "layernorm_gelu_biases": dict(norm="layer", norm_eps=1e-5, mlp="gelu", qkv_bias=True, out_bias=True, mlp_bias=True),
+    "gelu_tanh": dict(mlp="gelu_tanh", out_bias=True),
+    "quick_gelu_qkv_bias": dict(mlp="quick_gelu", qkv_bias=True),
+    "swiglu_biases": dict(qkv_bias=True, mlp_bias=True, norm_eps=1e-5),
+    "whisper_like": dict(norm="layer", mlp="gelu", qkv_bias=True, k_bias=False, out_bias=True, mlp_bias=True),
+}
+
+
+def _family_model(opts, tied=True):
+    import dataclasses
+    r = lambda c, **kw: dataclasses.replace(c, **opts, **kw)
+    extra = dict(tie_embeddings=tied, rope_scaling=(("factor", 4.0), ("rope_type", "linear"))) if tied else {}
+    vis = dict(class_token=True, patch_bias=False, pre_norm=True, head_norm=False) if tied else {}
+    aud = dict(conv_strides=(1, 2), conv_padding="torch", conv_act="gelu") if tied else {}
+    return ModelConfig(vision=r(VIS, **vis), audio=r(AUD, **aud), llm=r(LLM_CFG, **extra), dit=r(DIT_CFG))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_block_family_param_counts_match_formula(family):
+    cfg = _family_model(FAMILIES[family], tied=family != "gelu_tanh")
+    counts = module_param_counts(abstract_model(cfg))
+    assert counts == {m: cfg.module_param_count(m) for m in cfg.modules}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_block_family_chunks_equal_whole_module(family):
+    import dataclasses
+    cfg = dataclasses.replace(LLM_CFG, **FAMILIES[family], tie_embeddings=True)
+    model = LLM(cfg, nnx.Rngs(0))
+    x = _inputs("llm", None)
+    whole = model(x)[1]
+    ctx, params = model.context(x), model.layer_params()
+    carry = model.embed(x)
+    for a, b in ((0, 2), (2, 5)):
+        carry = model.run_blocks(slice_layers(params, a, b), carry, ctx)
+    np.testing.assert_allclose(np.asarray(model.head(carry)[1]), np.asarray(whole), rtol=1e-5, atol=1e-6)
+    assert "lm_head" not in nnx.state(model) or nnx.state(model)["lm_head"] is None
+
+
+def test_defaults_are_the_plain_block():
+    """The new options at their defaults build exactly the module of before: same parameter
+    tree and values (RMSNorm at flax's epsilon, bias-free SwiGLU, untied head)."""
+    state = nnx.state(LLM(LLM_CFG, nnx.Rngs(0)))
+    leaves = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]}
+    assert not any("bias" in k for k in leaves) and any("lm_head" in k for k in leaves)
+    assert LLM(LLM_CFG, nnx.Rngs(0)).blocks.attn_norm.epsilon == 1e-6
+
+
+@pytest.mark.parametrize("family", ["layernorm_gelu_biases", "whisper_like"])
+def test_block_family_in_bf16_keeps_float32_parameters_and_tracks_float32(family):
+    import dataclasses
+    cfg = dataclasses.replace(LLM_CFG, **FAMILIES[family], tie_embeddings=True)
+    f32, bf16 = LLM(cfg, nnx.Rngs(0)), LLM(cfg, nnx.Rngs(0), jnp.bfloat16)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(bf16)))
+    x = _inputs("llm", None)
+    a, b = np.asarray(f32(x)[1]), np.asarray(bf16(x)[1].astype(jnp.float32))
+    assert bf16(x)[1].dtype == jnp.bfloat16
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()

@@ -68,8 +68,9 @@ def test_schedule_ir_imports_nothing_of_the_planner():
 BUILTIN_MODULES = {"vision", "audio", "llm", "dit"}
 # where the built-in module names may be written: their spec definitions, the models and the
 # config defaults (the config package less its overrides parser and checks; zoo: the paper's
-# model configs; data/files/records.py: "audio" is a key of the record formats, a word of the datasets)
-NAMED_IN = ("specs/", "models/", "config/model.py", "config/run.py", "config/train_config.py", "config/zoo.py",
+# model configs; hf: each Hugging Face family's table names the module it initialises;
+# data/files/records.py: "audio" is a key of the record formats, a word of the datasets)
+NAMED_IN = ("specs/", "models/", "hf/", "config/model.py", "config/run.py", "config/train_config.py", "config/zoo.py",
             "data/files/records.py")
 
 

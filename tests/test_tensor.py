@@ -76,6 +76,38 @@ def test_dropped_tensor_reductions_break_equivalence():
         s.assert_matches(loss, grads)
 
 
+# the families pretrained checkpoints bring: LayerNorm, GELU MLPs, biases on every linear (the
+# column-parallel ones split with their outputs, the row-parallel ones added after the sum), a
+# tied LM head and scaled rope
+FAMILY_BLK = dict(BLK_T, norm="layer", norm_eps=1e-5, mlp="gelu_tanh", qkv_bias=True, out_bias=True, mlp_bias=True)
+FAMILY_LLM = dict(tie_embeddings=True, rope_scaling=(("factor", 2.0), ("rope_type", "linear")))
+
+
+@pytest.fixture(scope="module")
+def family_setup():
+    return Setup(("vision", "audio"), 2, pipe=2, tensor=2, blk=FAMILY_BLK, llm=FAMILY_LLM, random_biases=True)
+
+
+def test_block_families_match_reference_under_pipe_and_tensor(family_setup):
+    s = family_setup
+    s.assert_matches(*s.run(s.plans(SCHEDULERS["dip"])))
+    bias = s.ex.to_stage(s.params)["llm"]["blocks"]["attn"]["q"]["bias"]
+    bias = getattr(bias, "value", bias)
+    assert bias.addressable_shards[0].data.size * 4 == bias.size         # split over pipe and tensor
+
+
+def test_row_parallel_bias_added_before_the_sum_breaks_equivalence(family_setup, monkeypatch):
+    """Negative control: each device of a group adds the output projection's bias to its
+    partial sum (so the sum counts it tensor-size times)."""
+    from dip_jax.runtime import tensor
+    s = family_setup
+    monkeypatch.setattr(tensor._Row, "__call__", lambda self, x: self.leave(self.inner(x)))
+    broken = PipelineExecutor(s.model, s.partition, s.ex.mesh, {"vision": 4, "audio": 2, "dit": 3}, 48)
+    loss, grads = broken.value_and_grad(s.params, s.batch.arrays, s.plans(SCHEDULERS["1f1b"]), s.buckets)
+    with pytest.raises(AssertionError):
+        s.assert_matches(loss, grads)
+
+
 def test_param_rules_name_megatron_axes():
     path = lambda *keys: tuple(jax.tree_util.DictKey(k) for k in keys)
     assert S.param_axes(path("llm", "blocks", "attn", "q", "kernel")) == (None, "heads")

@@ -7,9 +7,13 @@ from typing import Optional
 
 from dip_jax import specs
 from dip_jax.config.checks import positive, require
-from dip_jax.specs.params import attention_params, projector_params, swiglu_params
+from dip_jax.specs.params import (attention_params, mlp_params, norm_params, projector_params,  # noqa: F401
+                                  swiglu_params)
 
 MODULES = ("vision", "audio", "llm", "dit")
+NORMS = ("rms", "layer")
+MLPS = ("swiglu", "gelu", "gelu_tanh", "quick_gelu")
+ROPE_SCALINGS = ("default", "linear", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,9 +23,22 @@ class BlockConfig:
     mlp_hidden: int = 128
     heads: int = 4
     kv_heads: int = 4
+    # the block family: what a pretrained checkpoint's architecture needs (hf/ reads these off
+    # its config.json); the defaults are the RMSNorm + bias-free SwiGLU block
+    norm: str = "rms"                # rms | layer
+    norm_eps: float = 1e-6
+    mlp: str = "swiglu"              # swiglu | gelu (exact) | gelu_tanh | quick_gelu
+    qkv_bias: bool = False
+    k_bias: bool = True              # with qkv_bias: whether k has one too (Whisper's has none)
+    out_bias: bool = False           # attention output projection
+    mlp_bias: bool = False
+    # a local Hugging Face directory whose weights (and architecture) the module starts from
+    init_from: str = ""
 
     def _check(self, prefix: str) -> None:
-        positive(self, prefix, "layers", "dim", "mlp_hidden", "heads", "kv_heads")
+        positive(self, prefix, "layers", "dim", "mlp_hidden", "heads", "kv_heads", "norm_eps")
+        require(self.norm in NORMS, f"{prefix}.norm", f"unknown norm {self.norm!r}; choose one of {NORMS}")
+        require(self.mlp in MLPS, f"{prefix}.mlp", f"unknown mlp {self.mlp!r}; choose one of {MLPS}")
         require(self.dim % self.heads == 0, f"{prefix}.dim", f"{self.dim} not divisible by heads={self.heads}")
         require(self.heads % self.kv_heads == 0, f"{prefix}.kv_heads",
                 f"heads={self.heads} not divisible by kv_heads={self.kv_heads}")
@@ -30,10 +47,19 @@ class BlockConfig:
     def head_dim(self) -> int:
         return self.dim // self.heads
 
+    def norm_params(self) -> int:
+        return norm_params(self.dim, self.norm)
+
+    def attn_params(self, kv_dim: Optional[int] = None) -> int:
+        return attention_params(self.dim, self.heads, self.kv_heads, kv_dim, self.qkv_bias, self.out_bias,
+                                self.k_bias)
+
+    def mlp_params(self) -> int:
+        return mlp_params(self.dim, self.mlp_hidden, self.mlp, self.mlp_bias)
+
     def block_params(self) -> int:
-        """Pre-norm transformer block: 2 RMSNorm + attention + SwiGLU."""
-        return 2 * self.dim + attention_params(self.dim, self.heads, self.kv_heads) + swiglu_params(
-            self.dim, self.mlp_hidden)
+        """Pre-norm transformer block: 2 norms + attention + MLP."""
+        return 2 * self.norm_params() + self.attn_params() + self.mlp_params()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +68,18 @@ class VisionConfig(BlockConfig):
     patch_size: int = 4
     channels: int = 3
     spatial_merge: int = 2
+    # tower families (CLIP, SigLIP): a class token (dropped before the projector, as LLaVA's
+    # default feature selection does), a bias on the patch embedding, a norm after the
+    # embeddings (CLIP's pre_layrnorm) and the final norm before the projector
+    class_token: bool = False
+    patch_bias: bool = True
+    pre_norm: bool = False
+    head_norm: bool = True
+    # what of a pretrained tower feeds the projector: 0 = its last_hidden_state (SigLIP's with
+    # its final norm); k != 0 = hidden_states[k] as LLaVA's vision_feature_layer counts them
+    # (-1: the last layer's output, -2: the one before; no final norm): init_from keeps the
+    # layers up to it
+    feature_layer: int = 0
 
     def check(self, prefix: str = "model.vision") -> None:
         self._check(prefix)
@@ -63,11 +101,17 @@ class VisionConfig(BlockConfig):
     def tokens_per_image(self) -> int:
         return self.patches // self.spatial_merge ** 2
 
+    @property
+    def tokens(self) -> int:
+        """Tokens through the blocks: the patches and the class token, if any."""
+        return self.patches + self.class_token
+
     def embed_params(self) -> int:
-        return self.patch_size ** 2 * self.channels * self.dim + self.dim + self.patches * self.dim
+        return self.patch_size ** 2 * self.channels * self.dim + self.dim * self.patch_bias + \
+            self.tokens * self.dim + self.dim * self.class_token + self.norm_params() * self.pre_norm
 
     def head_params(self, out_dim: int) -> int:
-        return self.dim + projector_params(self.spatial_merge ** 2 * self.dim, out_dim)
+        return self.norm_params() * self.head_norm + projector_params(self.spatial_merge ** 2 * self.dim, out_dim)
 
     def param_count(self, out_dim: int) -> int:
         return self.embed_params() + self.layers * self.block_params() + self.head_params(out_dim)
@@ -79,12 +123,26 @@ class AudioConfig(BlockConfig):
     frames_per_second: int = 32
     clip_seconds: float = 1.0
     conv_kernel: int = 3
+    # the two-conv stem: its strides, padding ("same", or "torch": kernel // 2 on both sides as
+    # torch's Conv1d(padding=1) does) and activation (Whisper: strides (1, 2), torch, gelu)
+    conv_strides: tuple = (2, 2)
+    conv_padding: str = "same"
+    conv_act: str = "gelu_tanh"
 
     def check(self, prefix: str = "model.audio") -> None:
         self._check(prefix)
         positive(self, prefix, "mel_bins", "frames_per_second", "clip_seconds", "conv_kernel")
-        require(self.frames_per_clip % 4 == 0, f"{prefix}.frames_per_second",
-                f"frames per clip ({self.frames_per_clip}) must be divisible by the 4x conv subsampling")
+        require(len(self.conv_strides) == 2 and all(s in (1, 2) for s in self.conv_strides), f"{prefix}.conv_strides",
+                f"two strides of 1 or 2, got {self.conv_strides!r}")
+        require(self.conv_padding in ("same", "torch"), f"{prefix}.conv_padding", "choose same or torch")
+        require(self.conv_act in MLPS[1:], f"{prefix}.conv_act", f"choose one of {MLPS[1:]}")
+        require(self.frames_per_clip % self.subsampling == 0, f"{prefix}.frames_per_second",
+                f"frames per clip ({self.frames_per_clip}) must be divisible by the "
+                f"{self.subsampling}x conv subsampling")
+
+    @property
+    def subsampling(self) -> int:
+        return self.conv_strides[0] * self.conv_strides[1]
 
     @property
     def frames_per_clip(self) -> int:
@@ -92,7 +150,7 @@ class AudioConfig(BlockConfig):
 
     @property
     def tokens_per_clip(self) -> int:
-        return self.frames_per_clip // 4
+        return self.frames_per_clip // self.subsampling
 
     def embed_params(self) -> int:
         k = self.conv_kernel
@@ -100,7 +158,7 @@ class AudioConfig(BlockConfig):
             self.tokens_per_clip * self.dim
 
     def head_params(self, out_dim: int) -> int:
-        return self.dim + projector_params(self.dim, out_dim)
+        return self.norm_params() + projector_params(self.dim, out_dim)
 
     def param_count(self, out_dim: int) -> int:
         return self.embed_params() + self.layers * self.block_params() + self.head_params(out_dim)
@@ -110,17 +168,25 @@ class AudioConfig(BlockConfig):
 class LLMConfig(BlockConfig):
     vocab_size: int = 256
     rope_theta: float = 10000.0
+    # Hugging Face rope scaling as (key, value) pairs, e.g. (("rope_type", "llama3"), ("factor", 8.0),
+    # ...); () = none. Types: linear, llama3.
+    rope_scaling: tuple = ()
+    tie_embeddings: bool = False     # the LM head reads the token embedding (no lm_head matrix)
 
     def check(self, prefix: str = "model.llm") -> None:
         self._check(prefix)
         positive(self, prefix, "vocab_size", "rope_theta")
         require(self.head_dim % 2 == 0, f"{prefix}.heads", f"head_dim={self.head_dim} must be even for RoPE")
+        if self.rope_scaling:
+            kind = dict(self.rope_scaling).get("rope_type", dict(self.rope_scaling).get("type"))
+            require(kind in ROPE_SCALINGS, f"{prefix}.rope_scaling",
+                    f"unknown rope_type {kind!r}; supported: {ROPE_SCALINGS}")
 
     def embed_params(self) -> int:
         return self.vocab_size * self.dim
 
     def head_params(self) -> int:
-        return self.dim + self.dim * self.vocab_size
+        return self.norm_params() + (0 if self.tie_embeddings else self.dim * self.vocab_size)
 
     def param_count(self) -> int:
         return self.embed_params() + self.layers * self.block_params() + self.head_params()
@@ -148,8 +214,7 @@ class DiTConfig(BlockConfig):
     def block_params(self) -> int:
         """adaLN-modulated block: self-attention, cross-attention to the llm condition, SwiGLU."""
         d = self.dim
-        return (d * 6 * d + 6 * d) + d + 2 * attention_params(d, self.heads, self.kv_heads) + \
-            swiglu_params(d, self.mlp_hidden)
+        return (d * 6 * d + 6 * d) + self.norm_params() + 2 * self.attn_params() + self.mlp_params()
 
     def embed_params(self, cond_dim: int) -> int:
         d = self.dim

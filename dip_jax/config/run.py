@@ -105,7 +105,6 @@ class DataConfig:
                 f"unknown policy {self.bad_records!r}; choose one of {', '.join(BAD_RECORDS)}")
         if self.task == "files":
             require(bool(self.path), "data.path", "the files task needs record files (JSONL or Parquet)")
-            require(bool(self.tokenizer), "data.tokenizer", "the files task needs a tokenizer directory")
         else:                          # keys only the files task reads must not be set in vain
             for name, default in (("path", ""), ("eval_path", ""), ("media_root", ""), ("tokenizer", ""),
                                   ("bad_records", "skip"), ("image_tiles_max", 1), ("image_tile_size", 336)):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from dip_jax.config.checks import DEFER_CHECKS, require
 from dip_jax.config.model import ModelConfig
@@ -30,8 +31,19 @@ class TrainConfig:
             getattr(self, section).check()
         self._check_combinations()
 
+    def tokenizer_dir(self) -> str:
+        """`data.tokenizer`, else the backbone's pretrained directory when it holds a tokenizer
+        (a Hugging Face model directory ships its own), else ""."""
+        if self.data.tokenizer:
+            return self.data.tokenizer
+        source = getattr(self.model.llm, "init_from", "")
+        return source if source and os.path.isfile(os.path.join(source, "tokenizer.json")) else ""
+
     def _check_combinations(self) -> None:
         m, d = self.model, self.data
+        if d.task == "files":
+            require(bool(self.tokenizer_dir()), "data.tokenizer", "the files task needs a tokenizer directory "
+                    "(or a model.llm.init_from directory that holds tokenizer.json)")
         require(d.microbatches % self.mesh.data == 0, "data.microbatches",
                 f"{d.microbatches} microbatches cannot be split over mesh.data={self.mesh.data} replicas")
         for name in m.modules:

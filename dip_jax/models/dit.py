@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dip_jax.config import DiTConfig
-from dip_jax.models.layers import Attention, SwiGLU, linear, rms_norm
+from dip_jax.models.layers import Attention, linear, mlp, norm
 from dip_jax.models.stack import ChunkedModule, make_stack
 
 
@@ -31,9 +31,9 @@ class DiTBlock(nnx.Module):
     def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs, dtype=jnp.float32):
         self.ada = linear(cfg.dim, 6 * cfg.dim, rngs, bias=True, scale=0.1, dtype=dtype)
         self.attn = Attention(cfg, rngs, dtype)
-        self.cross_norm = rms_norm(cfg.dim, rngs, dtype)
+        self.cross_norm = norm(cfg, rngs, dtype)
         self.cross = Attention(cfg, rngs, dtype)
-        self.mlp = SwiGLU(cfg.dim, cfg.mlp_hidden, rngs, dtype)
+        self.mlp = mlp(cfg, rngs, dtype)
 
     def __call__(self, x, cond, temb, cond_mask):
         sh1, sc1, g1, sh2, sc2, g2 = jnp.split(self.ada(jax.nn.silu(temb))[:, None, :], 6, axis=-1)

@@ -1,5 +1,11 @@
-"""Shared transformer layers: RMSNorm, RoPE, GQA attention, SwiGLU, pre-norm block."""
+"""Shared transformer layers: norms, RoPE, GQA attention, MLPs, the pre-norm block.
+
+The block's family (norm type and epsilon, MLP type, biases) comes from its BlockConfig, so a
+pretrained checkpoint's architecture is a choice of options, not a fork of the module.
+"""
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -16,15 +22,50 @@ def linear(d_in: int, d_out: int, rngs: nnx.Rngs, bias: bool = False, scale: flo
                       rngs=rngs)
 
 
-def rms_norm(dim: int, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.RMSNorm:
+def rms_norm(dim: int, rngs: nnx.Rngs, dtype=jnp.float32, eps: float = 1e-6) -> nnx.RMSNorm:
     """Statistics in float32 whatever `dtype` (flax promotes them); the output in `dtype`."""
-    return nnx.RMSNorm(dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    return nnx.RMSNorm(dim, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
-def rope(x, positions, theta: float):
-    """Rotary embedding over the last axis. x: [..., S, H, hd], positions: [..., S]."""
+def norm(cfg: BlockConfig, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.Module:
+    """The block family's norm (RMSNorm or LayerNorm) at its epsilon."""
+    if cfg.norm == "layer":
+        return nnx.LayerNorm(cfg.dim, epsilon=cfg.norm_eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    return rms_norm(cfg.dim, rngs, dtype, cfg.norm_eps)
+
+
+def rope_frequencies(half: int, theta: float, scaling: tuple = ()):
+    """Inverse frequencies of the rotary embedding; `scaling` as Hugging Face writes rope_scaling
+    (linear, llama3), as (key, value) pairs. Without scaling, the formula of the default block."""
+    if not scaling:
+        return theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    s = dict(scaling)
+    kind = s.get("rope_type", s.get("type", "default"))
+    inv = [1.0 / theta ** (i / half) for i in range(half)]
+    if kind == "linear":
+        inv = [f / s["factor"] for f in inv]
+    elif kind == "llama3":
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
+        out = []
+        for f in inv:
+            wavelen = 2 * math.pi / f
+            if wavelen < old / hi:
+                out.append(f)
+            elif wavelen > old / lo:
+                out.append(f / factor)
+            else:
+                smooth = (old / wavelen - lo) / (hi - lo)
+                out.append((1 - smooth) * f / factor + smooth * f)
+        inv = out
+    return jnp.asarray(inv, jnp.float32)
+
+
+def rope(x, positions, theta: float, scaling: tuple = ()):
+    """Rotary embedding over the last axis (the two halves rotate together, as Hugging Face's
+    Llama does). x: [..., S, H, hd], positions: [..., S]."""
     half = x.shape[-1] // 2
-    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    freq = rope_frequencies(half, theta, scaling)
     ang = positions[..., :, None, None].astype(jnp.float32) * freq
     # angles in float32: positions reach thousands, where bf16 could not tell neighbours apart
     sin, cos = jnp.sin(ang).astype(x.dtype), jnp.cos(ang).astype(x.dtype)
@@ -47,12 +88,13 @@ class Attention(nnx.Module):
     def __init__(self, cfg: BlockConfig, rngs: nnx.Rngs, dtype=jnp.float32):
         d, h, kv, hd = cfg.dim, cfg.heads, cfg.kv_heads, cfg.head_dim
         self.heads, self.kv_heads, self.head_dim = h, kv, hd
-        self.q = linear(d, h * hd, rngs, dtype=dtype)
-        self.k = linear(d, kv * hd, rngs, dtype=dtype)
-        self.v = linear(d, kv * hd, rngs, dtype=dtype)
-        self.o = linear(h * hd, d, rngs, dtype=dtype)
+        b = cfg.qkv_bias
+        self.q = linear(d, h * hd, rngs, bias=b, dtype=dtype)
+        self.k = linear(d, kv * hd, rngs, bias=b and cfg.k_bias, dtype=dtype)
+        self.v = linear(d, kv * hd, rngs, bias=b, dtype=dtype)
+        self.o = linear(h * hd, d, rngs, bias=cfg.out_bias, dtype=dtype)
 
-    def __call__(self, x, kv=None, mask=None, positions=None, theta: float = 10000.0):
+    def __call__(self, x, kv=None, mask=None, positions=None, theta: float = 10000.0, scaling: tuple = ()):
         # head counts follow the projections' widths, so a device holding a share of the heads
         # runs the same code on its share
         kv = x if kv is None else kv
@@ -60,7 +102,7 @@ class Attention(nnx.Module):
         k = self.k(kv).reshape(*kv.shape[:-1], -1, self.head_dim)
         v = self.v(kv).reshape(*kv.shape[:-1], -1, self.head_dim)
         if positions is not None:
-            q, k = rope(q, positions, theta), rope(k, positions, theta)
+            q, k = rope(q, positions, theta, scaling), rope(k, positions, theta, scaling)
         lead = q.shape[:-3]
         flat = lambda t: t.reshape(-1, *t.shape[-3:])
         # K/V keep their kv_heads (grouped-query attention natively); the softmax runs in float32
@@ -83,26 +125,52 @@ def _flat_mask(mask, lead):
 
 
 class SwiGLU(nnx.Module):
-    def __init__(self, dim: int, hidden: int, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.gate = linear(dim, hidden, rngs, dtype=dtype)
-        self.up = linear(dim, hidden, rngs, dtype=dtype)
-        self.down = linear(hidden, dim, rngs, dtype=dtype)
+    def __init__(self, dim: int, hidden: int, rngs: nnx.Rngs, dtype=jnp.float32, bias: bool = False):
+        self.gate = linear(dim, hidden, rngs, bias=bias, dtype=dtype)
+        self.up = linear(dim, hidden, rngs, bias=bias, dtype=dtype)
+        self.down = linear(hidden, dim, rngs, bias=bias, dtype=dtype)
 
     def __call__(self, x):
         return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+class GeluMLP(nnx.Module):
+    """up -> activation -> down (the ViT/CLIP/Whisper MLP); named like SwiGLU's linears so the
+    tensor rules split it alike (up column-parallel, down row-parallel)."""
+
+    def __init__(self, dim: int, hidden: int, kind: str, rngs: nnx.Rngs, dtype=jnp.float32, bias: bool = False):
+        self.kind = kind
+        self.up = linear(dim, hidden, rngs, bias=bias, dtype=dtype)
+        self.down = linear(hidden, dim, rngs, bias=bias, dtype=dtype)
+
+    def __call__(self, x):
+        return self.down(ACTIVATIONS[self.kind](self.up(x)))
+
+
+def mlp(cfg: BlockConfig, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.Module:
+    if cfg.mlp == "swiglu":
+        return SwiGLU(cfg.dim, cfg.mlp_hidden, rngs, dtype, cfg.mlp_bias)
+    return GeluMLP(cfg.dim, cfg.mlp_hidden, cfg.mlp, rngs, dtype, cfg.mlp_bias)
 
 
 class Block(nnx.Module):
     """Pre-norm transformer block used by the ViT, the audio encoder and the llm."""
 
     def __init__(self, cfg: BlockConfig, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.attn_norm = rms_norm(cfg.dim, rngs, dtype)
+        self.attn_norm = norm(cfg, rngs, dtype)
         self.attn = Attention(cfg, rngs, dtype)
-        self.mlp_norm = rms_norm(cfg.dim, rngs, dtype)
-        self.mlp = SwiGLU(cfg.dim, cfg.mlp_hidden, rngs, dtype)
+        self.mlp_norm = norm(cfg, rngs, dtype)
+        self.mlp = mlp(cfg, rngs, dtype)
 
-    def __call__(self, x, mask=None, positions=None, theta: float = 10000.0):
-        x = x + self.attn(self.attn_norm(x), mask=mask, positions=positions, theta=theta)
+    def __call__(self, x, mask=None, positions=None, theta: float = 10000.0, scaling: tuple = ()):
+        x = x + self.attn(self.attn_norm(x), mask=mask, positions=positions, theta=theta, scaling=scaling)
         return x + self.mlp(self.mlp_norm(x))
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dip_jax.config import LLMConfig
-from dip_jax.models.layers import Block, attention_mask, linear, rms_norm
+from dip_jax.models.layers import Block, attention_mask, linear, norm
 from dip_jax.models.stack import ChunkedModule, make_stack
 
 
@@ -27,8 +27,8 @@ class LLM(ChunkedModule):
         self.embedding = nnx.Embed(cfg.vocab_size, cfg.dim, embedding_init=nnx.initializers.normal(1.0),
                                    dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.blocks = make_stack(lambda r: Block(cfg, r, dtype), cfg.layers, rngs)
-        self.norm = rms_norm(cfg.dim, rngs, dtype)
-        self.lm_head = linear(cfg.dim, cfg.vocab_size, rngs, dtype=dtype)
+        self.norm = norm(cfg, rngs, dtype)
+        self.lm_head = None if cfg.tie_embeddings else linear(cfg.dim, cfg.vocab_size, rngs, dtype=dtype)
 
     def context(self, inputs):
         return {"mask": attention_mask(inputs["segment_ids"], causal=True), "positions": inputs["positions"]}
@@ -41,9 +41,10 @@ class LLM(ChunkedModule):
         return x
 
     def step(self, block, x, ctx):
-        return block(x, mask=ctx["mask"], positions=ctx["positions"], theta=self.cfg.rope_theta)
+        return block(x, mask=ctx["mask"], positions=ctx["positions"], theta=self.cfg.rope_theta,
+                     scaling=self.cfg.rope_scaling)
 
     def head(self, x):
         """Returns (hidden, logits): the dit conditions on hidden states, the LM loss on logits."""
         h = self.norm(x)
-        return h, self.lm_head(h)
+        return h, (self.embedding.attend(h) if self.lm_head is None else self.lm_head(h))

@@ -82,6 +82,11 @@ def main(argv=None) -> int:
             raise ConfigError(f"unknown argument {unknown[0]!r}")
         check_args(args)
         cfg = apply_overrides(load_config_file(args.config), overrides)
+        # the planner reads no checkpoints: it would plan the config's own (default) architecture
+        for m in cfg.model.modules:
+            if getattr(cfg.model.module(m), "init_from", ""):
+                raise ConfigError(f"model.{m}.init_from: the plan command does not read checkpoints; "
+                                  f"give the module's architecture keys instead")
         from dip_jax.plan.schedulers import SCHEDULERS, PlanContext
         names = [s.strip() for s in args.schedulers.split(",") if s.strip()]
         bad = [s for s in names if s not in SCHEDULERS]

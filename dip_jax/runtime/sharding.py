@@ -34,6 +34,10 @@ PARAM_AXES: tuple[tuple[tuple[tuple[str, ...], ...], tuple[str | None, ...]], ..
     ((_ATTN, ("o",), ("kernel",)), ("heads", None)),
     ((("mlp",), ("gate", "up"), ("kernel",)), (None, "mlp")),
     ((("mlp",), ("down",), ("kernel",)), ("mlp", None)),
+    # a column-parallel linear's bias is split with its outputs; a row-parallel one's stays
+    # whole (runtime/tensor.py adds it once, after the sum over the group)
+    ((_ATTN, _QKV, ("bias",)), ("heads",)),
+    ((("mlp",), ("gate", "up"), ("bias",)), ("mlp",)),
 )
 
 

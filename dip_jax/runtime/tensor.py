@@ -47,11 +47,20 @@ class _Column:
 
 
 class _Row:
+    """The partial products are summed over the group, then the (replicated) bias is added
+    once: adding it on every device before the sum would count it tensor-size times."""
+
     def __init__(self, inner, leave):
         self.inner, self.leave = inner, leave
 
-    def __call__(self, x, *args, **kwargs):
-        return self.leave(self.inner(x, *args, **kwargs))
+    def __call__(self, x):
+        lin = self.inner
+        if lin.bias is None:
+            return self.leave(lin(x))
+        # nnx.Linear's own computation, without its bias
+        x, kernel, bias = lin.promote_dtype((x, lin.kernel[...], lin.bias[...]), dtype=lin.dtype)
+        y = lin.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=lin.precision)
+        return self.leave(y) + bias
 
 
 def split_block(block: nnx.Module, axis: str, drop_reductions: bool = False) -> nnx.Module:
@@ -66,9 +75,6 @@ def split_block(block: nnx.Module, axis: str, drop_reductions: bool = False) -> 
         role = tensor_role(path) if path else None
         if role is None:
             continue
-        if role == "row" and getattr(sub, "bias", None) is not None:
-            raise ValueError(f"row-parallel linear {'.'.join(map(str, path))} has a bias: it would be "
-                             f"summed over the tensor group")
         parent = block
         for key in path[:-1]:
             parent = getattr(parent, key)

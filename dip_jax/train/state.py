@@ -19,6 +19,7 @@ from dip_jax.config import TrainConfig
 from dip_jax.models.lmm import build_model
 from dip_jax.runtime.sharding import state_shardings
 from dip_jax.runtime.stages import Layouts, relayout
+from dip_jax.train import pretrained
 from dip_jax.train.optim import build_optimizer
 
 
@@ -67,10 +68,19 @@ def create_state(cfg: TrainConfig, tx, mesh, layouts: Layouts) -> dict:
     The parameters are initialised on the host (host memory is where a model larger than one
     accelerator fits) and cut into shards from there; the optimizer state is created on the
     devices, already sharded. Every process computes the same host values (same seed)."""
+    shapes = state_shapes(cfg, tx, mesh, layouts)
+    shardings = jax.tree.map(lambda x: x.sharding, shapes)
+    # modules with init_from are read from their checkpoint into their shards; the others are
+    # initialised as always (the pretrained ones' random init is dead code to the compiler)
+    found = pretrained.loaders(cfg, shapes["params"], layouts)
+    flat, tree = jax.tree_util.tree_flatten_with_path(shapes["params"])
+    owners = [pretrained.owner(path, found) for path, _ in flat]
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        params = jax.jit(lambda: _initial_params(cfg, layouts))()
-    shardings = jax.tree.map(lambda x: x.sharding, state_shapes(cfg, tx, mesh, layouts))
-    params = jax.tree.map(lambda a, s: _from_host(np.asarray(a), s), params, shardings["params"])
+        host = jax.jit(lambda: [None if o else a
+                                for o, a in zip(owners, jax.tree.leaves(_initial_params(cfg, layouts)))])()
+    params = jax.tree.unflatten(tree, [
+        found[o[0]].array(o[1], x.shape, x.sharding, layouts.get(o[0])) if o else _from_host(np.asarray(a), x.sharding)
+        for o, a, (_, x) in zip(owners, host, flat)])
     rest = jax.jit(lambda p: {k: v for k, v in _state(p, tx, cfg.train.seed).items() if k != "params"},
                    out_shardings={k: v for k, v in shardings.items() if k != "params"})(params)
     return {"params": params, **rest}

@@ -24,6 +24,7 @@ from dip_jax.data.stream import file_stream
 from dip_jax.runtime import distributed
 from dip_jax.runtime.distributed import broadcast_json, gather_ints
 from dip_jax.runtime.mesh import mesh_for, mesh_shape
+from dip_jax.train import pretrained
 from dip_jax.train.checkpoint import Checkpointer
 from dip_jax.train.checkpoint_guard import CheckpointGuard
 from dip_jax.train.errors import RunStopped
@@ -161,6 +162,7 @@ def run(cfg: TrainConfig, workdir: str | pathlib.Path) -> dict:
         # extra encoder nothing, silently
         raise ConfigError(f"model.extra_modules: data.task={cfg.data.task!r} brings no inputs for module "
                           f"{cfg.model.extra_modules[0][0]!r}; train it from your own loop (README: Bring your own module)")
+    cfg = pretrained.resolve(cfg)        # init_from modules take their checkpoint's architecture
     workdir = pathlib.Path(workdir)
     lead = jax.process_index() == 0
     peers = None

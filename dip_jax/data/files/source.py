@@ -56,7 +56,7 @@ def tokenizer_for(directory: str) -> ChatTokenizer:
 def check_vocab(cfg: TrainConfig, tok: ChatTokenizer) -> None:
     if tok.vocab_size > cfg.model.llm.vocab_size:
         raise ConfigError(f"model.llm.vocab_size: {cfg.model.llm.vocab_size} is smaller than the tokenizer's "
-                          f"{tok.vocab_size} tokens (placeholders included) in {cfg.data.tokenizer}")
+                          f"{tok.vocab_size} tokens (placeholders included) in {cfg.tokenizer_dir()}")
 
 
 class FileDataset:
@@ -69,7 +69,7 @@ class FileDataset:
         if m.dit is not None:
             # records hold no video, and a generator trained on none would learn nothing, silently
             raise ConfigError("model.dit: the files task brings no video clips; set --config.model.dit=none")
-        self.tok = tokenizer_for(d.tokenizer)
+        self.tok = tokenizer_for(cfg.tokenizer_dir())
         check_vocab(cfg, self.tok)
         # collate finds each encoder's positions by these ids (the tokenizer's, see chat.py)
         self.placeholders = {VISION.encoder_items.input_key: self.tok.image_id,
