@@ -23,7 +23,7 @@ from dip_jax.plan.simulate import Costs, simulate
 from dip_jax.plan.validate import validate
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from test_executor import Setup, random_plan  # noqa: E402
+from test_executor import BLK, Setup, random_plan  # noqa: E402
 
 RES = 8       # residual slots per module: one compiled program for every mix below
 
@@ -47,6 +47,22 @@ def test_any_mix_of_stored_and_recomputed_ops_matches_reference(everything, seed
     rng = random.Random(seed)
     plans = [store_some(pl, rng, p) for pl in everything.plans(lambda g: random_plan(g, seed))]
     everything.assert_matches(*everything.run(plans))
+
+
+# the block families pretrained checkpoints bring (LayerNorm, a GELU MLP, biases on every linear,
+# a tied head, scaled rope): storing a chunk's residuals keeps them exact too
+FAMILY = dict(BLK, norm="layer", norm_eps=1e-5, mlp="gelu_tanh", qkv_bias=True, out_bias=True, mlp_bias=True)
+
+
+def test_block_families_store_and_recompute_exactly():
+    s = Setup(("vision", "audio"), data=1, blk=FAMILY, random_biases=True,
+              llm=dict(tie_embeddings=True, rope_scaling=(("factor", 2.0), ("rope_type", "linear"))))
+    s.buckets = dict(s.buckets, res={m: RES for m in s.cfg.model.modules})
+    for seed, p in ((11, 0.5), (12, 1.0)):
+        rng = random.Random(seed)
+        plans = [store_some(pl, rng, p) for pl in s.plans(lambda g: random_plan(g, seed))]
+        assert any(pl.stored for pl in plans)
+        s.assert_matches(*s.run(plans))
 
 
 def test_one_program_serves_every_mix(everything):
