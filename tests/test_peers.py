@@ -206,3 +206,11 @@ def test_the_supervisor_imports_no_jax():
     code = ("import sys, dip_jax.train.supervise, dip_jax.train.peers; "
             "bad = [m for m in ('jax', 'flax', 'optax', 'grain', 'orbax') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_supervisor_passes_progress_redraws_at_once():
+    import os
+    read, write = os.pipe()
+    os.write(write, b"train: 10%\rtrain: 20%\rdip_jax: done\ntail")
+    os.close(write)
+    assert list(supervise._segments(read)) == [b"train: 10%\r", b"train: 20%\r", b"dip_jax: done\n", b"tail"]

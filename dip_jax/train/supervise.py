@@ -55,7 +55,7 @@ def run(argv: list[str]) -> int:
         signal.signal(sig, forward)
     native = []
     in_native = False
-    for raw in iter(child.stderr.readline, b""):
+    for raw in _segments(child.stderr.fileno()):
         line = raw.decode(errors="replace")
         if _NATIVE.search(line) or (in_native and not _OURS.match(line)):
             in_native = True
@@ -74,6 +74,25 @@ def run(argv: list[str]) -> int:
         return 1
     print(f"dip_jax: the trainer was ended by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
     return 128 + signum
+
+
+def _segments(fd: int):
+    """What the trainer writes, cut after each newline or carriage return (a progress bar
+    redraws its line with a carriage return and would otherwise show only at the end)."""
+    buf = b""
+    while True:
+        data = os.read(fd, 65536)
+        if not data:
+            if buf:
+                yield buf
+            return
+        buf += data
+        while True:
+            cut = min((i for i in (buf.find(b"\n"), buf.find(b"\r")) if i >= 0), default=-1)
+            if cut < 0:
+                break
+            yield buf[:cut + 1]
+            buf = buf[cut + 1:]
 
 
 def _loss_line(argv: list[str], native: str) -> str:
