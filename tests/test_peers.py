@@ -214,3 +214,18 @@ def test_the_supervisor_passes_progress_redraws_at_once():
     os.write(write, b"train: 10%\rtrain: 20%\rdip_jax: done\ntail")
     os.close(write)
     assert list(supervise._segments(read)) == [b"train: 10%\r", b"train: 20%\r", b"dip_jax: done\n", b"tail"]
+
+
+def test_stray_closed_loop_tracebacks_are_dropped_whole_and_nothing_else():
+    import io
+    from dip_jax.train.stray_errors import StrayLoopErrors
+    stray = ('Traceback (most recent call last):\n  File "/usr/lib/python3.11/asyncio/base_events.py", line 806, in '
+             'call_soon_threadsafe\n    self._check_closed()\nRuntimeError: Event loop is closed\n')
+    real = 'Traceback (most recent call last):\n  File "/x/dip_jax/train/a.py", line 3, in f\nValueError: real\n'
+    out = io.StringIO()
+    f = StrayLoopErrors(out)
+    for piece in ("train: 10%\r", "Trace", stray[5:40], stray[40:], "dip_jax: one line\n", real[:50], real[50:]):
+        f.write(piece)                                # in pieces, as tracebacks are printed
+    assert out.getvalue() == "train: 10%\rdip_jax: one line\n" + real
+    f.write("train: 20%\r")
+    assert out.getvalue().endswith("train: 20%\r")    # a progress redraw passes at once

@@ -17,6 +17,7 @@ import tempfile
 import threading
 
 from dip_jax.train.errors import RunStopped
+from dip_jax.train.stray_errors import StrayLoopErrors
 
 LOST_PEER = "lost contact with another process"
 _ROOM = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file size limit exceeded"}
@@ -93,6 +94,9 @@ class CheckpointGuard:
         # and the error is printed through sys.excepthook, at any moment until the process ends
         self._sys_hook = sys.excepthook
         sys.excepthook = self._quiet_closed_loop
+        # ... and not always through it: those tracebacks are also dropped from sys.stderr
+        self._stderr = sys.stderr
+        sys.stderr = StrayLoopErrors(sys.stderr)
         logging.getLogger("absl").addFilter(self._quiet_save_logs)
 
     @staticmethod
@@ -173,6 +177,8 @@ class CheckpointGuard:
                 threading.excepthook = self._hook
                 if not self.failed:           # after a failure, stray reports may come until exit
                     sys.excepthook = self._sys_hook
+                    sys.stderr.flush()
+                    sys.stderr = self._stderr
                 logging.getLogger("absl").removeFilter(self._quiet_save_logs)
 
     # -- restoring -------------------------------------------------------------------------
