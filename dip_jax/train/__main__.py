@@ -12,33 +12,6 @@ import sys
 
 USAGE = ("usage: python -m dip_jax.train --config configs/X.py [--workdir DIR] [--config.section.field=value ...]\n"
          "       [--coordinator HOST:PORT --num-processes N --process-id I | --distributed]")
-DISTRIBUTED_FLAGS = {"--coordinator": str, "--num-processes": int, "--process-id": int}
-
-
-def _distributed_args(rest: list[str]) -> tuple[dict, list[str]]:
-    """Pull the multi-process flags out of the arguments the config parser did not take."""
-    from dip_jax.config import ConfigError
-    out, left, i = {}, [], 0
-    while i < len(rest):
-        name, _, value = rest[i].partition("=")
-        if name == "--distributed" and not value:
-            out["auto"] = True
-        elif name in DISTRIBUTED_FLAGS:
-            if not value:
-                if i + 1 >= len(rest):
-                    raise ConfigError(f"{name} needs a value")
-                i += 1
-                value = rest[i]
-            try:
-                out[name[2:].replace("-", "_")] = DISTRIBUTED_FLAGS[name](value)
-            except ValueError:
-                raise ConfigError(f"{name}: expected {DISTRIBUTED_FLAGS[name].__name__}, got {value!r}") from None
-        else:
-            left.append(rest[i])
-        i += 1
-    return out, left
-
-
 def main(argv: list[str] | None = None) -> int:
     from dip_jax.config import ConfigError
     from dip_jax.config.overrides import apply_overrides, load_config_file, parse_config_args
@@ -48,11 +21,12 @@ def main(argv: list[str] | None = None) -> int:
         return _help(argv)
     from dip_jax.train.errors import RunStopped
     from dip_jax.train.interrupt import SIGNAL_FD, listen_to_supervisor
+    from dip_jax.train.supervise import distributed_args
     if os.environ.get(SIGNAL_FD):
         listen_to_supervisor()
     try:
         path, workdir, overrides, rest = parse_config_args(argv)
-        distributed, rest = _distributed_args(rest)
+        distributed, rest = distributed_args(rest)
         if rest:
             raise ConfigError(f"unknown argument {rest[0]!r}")
         if path is None:

@@ -64,7 +64,7 @@ class Interrupts:
             self.signum = signum
             return
         # a second signal means "now": no checkpoint, but no orphaned planner processes either
-        _exit_now(128 + signum)
+        exit_now(128 + signum)
 
 
 def ignore_interrupts() -> None:
@@ -85,18 +85,19 @@ def listen_to_supervisor() -> None:
         while True:
             data = os.read(fd, 1)
             if not data:                       # the supervisor died: nothing may outlive it
-                _exit_now(128 + signal.SIGKILL)
+                exit_now(128 + signal.SIGKILL)
             if _ACTIVE:
                 _ACTIVE[-1]._handle(data[0], None)
             else:
                 import sys
                 print("dip_jax: interrupted before training started", file=sys.stderr, flush=True)
-                _exit_now(128 + data[0])
+                exit_now(128 + data[0])
 
     threading.Thread(target=listen, name="dip_jax-signals", daemon=True).start()
 
 
-def _exit_now(code: int) -> None:
+def exit_now(code: int) -> None:
+    """End the process at once, planner workers first (they would outlive it)."""
     for child in multiprocessing.active_children():
         child.kill()
     os._exit(code)

@@ -7,11 +7,11 @@ failed, or when it has sent none for `distributed.timeout_seconds`.
 """
 from __future__ import annotations
 
-import multiprocessing
-import os
 import pathlib
 import sys
 import threading
+
+from dip_jax.train.interrupt import exit_now
 
 
 def last_complete_checkpoint(directory: pathlib.Path | None) -> int | None:
@@ -52,9 +52,7 @@ class PeerLoss:
             threading.Event().wait()            # another thread is ending the process
         print(f"dip_jax: {self.line(processes, how, left)}", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        for child in multiprocessing.active_children():
-            child.kill()
-        os._exit(1)
+        exit_now(1)
 
     def after_failure(self, heartbeats, error: BaseException) -> None:
         """After an exception in the step loop: end the process if a peer is lost or has left;

@@ -23,6 +23,33 @@ import sys
 
 from dip_jax.train.interrupt import SIGNAL_FD, SIGNALS
 
+DISTRIBUTED_FLAGS = {"--coordinator": str, "--num-processes": int, "--process-id": int}
+
+
+def distributed_args(rest: list[str]) -> tuple[dict, list[str]]:
+    """Pull the multi-process flags out of the arguments the config parser did not take."""
+    from dip_jax.config import ConfigError
+    out, left, i = {}, [], 0
+    while i < len(rest):
+        name, _, value = rest[i].partition("=")
+        if name == "--distributed" and not value:
+            out["auto"] = True
+        elif name in DISTRIBUTED_FLAGS:
+            if not value:
+                if i + 1 >= len(rest):
+                    raise ConfigError(f"{name} needs a value")
+                i += 1
+                value = rest[i]
+            try:
+                out[name[2:].replace("-", "_")] = DISTRIBUTED_FLAGS[name](value)
+            except ValueError:
+                raise ConfigError(f"{name}: expected {DISTRIBUTED_FLAGS[name].__name__}, got {value!r}") from None
+        else:
+            left.append(rest[i])
+        i += 1
+    return out, left
+
+
 # jax's native (absl) log lines, crash reports and the stack frames that follow them
 _NATIVE = re.compile(r"^[EF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+:\d+\]|^\*\*\* Check failure stack trace|"
                      r"^\s+@\s+0x|^terminate called|^\s+what\(\):")
@@ -35,7 +62,7 @@ def wanted(argv: list[str]) -> bool:
     """A multi-process run not yet supervised."""
     if os.environ.get(SIGNAL_FD) or any(a in ("-h", "--help") for a in argv):
         return False
-    flags = ("--coordinator", "--num-processes", "--process-id", "--distributed")
+    flags = (*DISTRIBUTED_FLAGS, "--distributed")
     return any(a.split("=", 1)[0] in flags for a in argv) or "JAX_COORDINATOR_ADDRESS" in os.environ
 
 
@@ -97,11 +124,12 @@ def _segments(fd: int):
 
 def _loss_line(argv: list[str], native: str) -> str:
     from dip_jax.train.peers import checkpoint_text
-    me = _process_id(argv)
+    flags = _flags(argv)
+    me = flags["process_id"]
     unhealthy = re.search(r"tasks are unhealthy[^:]*:\s*([\d,\s]+)", native)
     if unhealthy:
         what = "lost process " + ", ".join(re.findall(r"\d+", unhealthy.group(1)))
-    elif me != 0 and not _reachable(_coordinator(argv)):
+    elif me != 0 and not _reachable(flags["coordinator"]):
         what = "lost process 0 (the coordinator)"
     elif native:
         what = "lost another process"
@@ -109,14 +137,6 @@ def _loss_line(argv: list[str], native: str) -> str:
         what = "the trainer crashed"
     return (f"{what}: this process was aborted; {checkpoint_text(_workdir(argv))}; "
             f"rerun the same command on every process to resume")
-
-
-def _coordinator(argv: list[str]) -> str | None:
-    for i, a in enumerate(argv):
-        name, _, value = a.partition("=")
-        if name == "--coordinator":
-            return value or (argv[i + 1] if i + 1 < len(argv) else None)
-    return os.environ.get("JAX_COORDINATOR_ADDRESS")
 
 
 def _reachable(address: str | None) -> bool:
@@ -132,14 +152,17 @@ def _reachable(address: str | None) -> bool:
         return False
 
 
-def _process_id(argv: list[str]) -> int | None:
-    for i, a in enumerate(argv):
-        name, _, value = a.partition("=")
-        if name == "--process-id":
-            value = value or (argv[i + 1] if i + 1 < len(argv) else "")
-            return int(value) if value.isdigit() else None
-    v = os.environ.get("JAX_PROCESS_ID", "")
-    return int(v) if v.isdigit() else None
+def _flags(argv: list[str]) -> dict:
+    """The multi-process flags of `argv`, the environment's where absent."""
+    from dip_jax.config import ConfigError
+    try:
+        flags = distributed_args(argv)[0]
+    except ConfigError:
+        flags = {}
+    env = os.environ
+    pid = env.get("JAX_PROCESS_ID", "")
+    return {"process_id": int(pid) if pid.isdigit() else None, "coordinator": env.get("JAX_COORDINATOR_ADDRESS"),
+            **flags}
 
 
 def _workdir(argv: list[str]):
