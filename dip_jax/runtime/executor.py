@@ -1,15 +1,25 @@
 """The generic table-driven pipeline step: one compiled shard_map program runs any plan.
 
-Per rank: a fori_loop over the traced `n_ticks`; each tick, for every module, one predicated
-while_loop (trip count 0 or 1) for a forward and one for a backward op (the table turns on at
-most one of each), then one packed ppermute to rank+1 (activations, encoder outputs, llm
+Per rank: a fori_loop over the traced `n_ticks`; each tick one `lax.switch` for the forward op
+and one for the backward op, whose branches are (module, last chunk or not, strategy) with the
+no-op branch first, then one packed ppermute to rank+1 (activations, encoder outputs, llm
 states) and one to rank-1 (cotangents), wrapping around, written into table-addressed slots (a
-trash slot when nothing is due). The memory strategy is per op, in the table: a backward
-recomputes its chunk under jax.vjp from the stashed input, or, when its forward stored the
-chunk's residuals (the leaves of its vjp function under jax.checkpoint's `dots_saveable`: the
-matmuls' outputs, less the parameters it reads again), applies them and recomputes only the
-elementwise rest. Indexing is dynamic_index / dynamic_update_index only. Data-parallel replicas run their own tables;
-gradients are reduced once, after the loop. The runtime holds no scheduling logic.
+trash slot when nothing is due). So a tick runs three host-synchronising control-flow ops on an
+accelerator (the loop's condition and the two switches), whatever the module set.
+
+No buffer the loop carries passes through a switch: XLA (before jaxlib 0.11.1) copies every
+operand that a multi-branch conditional returns, in place or not. The branches read rows and
+return per-op values; every write into a carried buffer happens outside them, at an address
+from the table (a trash slot or window when nothing is due). The gradients of a rank live in one
+flat buffer: a backward returns its chunk's gradient and its module's edge gradient as two
+zero-padded windows, added in place at the offsets of the op's module and chunk.
+
+The memory strategy is per op, in the table: a backward recomputes its chunk under jax.vjp from
+the stashed input, or, when its forward stored the chunk's residuals (the leaves of the blocks'
+vjp function under jax.checkpoint's `dots_saveable`: the matmuls' outputs, less the parameters it
+reads again, and the blocks' output), applies them and recomputes only the elementwise rest and
+the head. Indexing is dynamic_index / dynamic_update_index only. Data-parallel replicas run their
+own tables; gradients are reduced once, after the loop. The runtime holds no scheduling logic.
 
 Boundaries, by the modules' roles: an encoder's last chunk (rank P-1) sends its projected
 output to rank 0, where the backbone's first chunk merges all of a microbatch's encoder outputs
@@ -22,6 +32,7 @@ modules' runtime specs (`spec.runtime[m]`); nothing here names a module.
 """
 from __future__ import annotations
 
+import math
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +49,13 @@ from dip_jax.runtime.tensor import split_block
 row = lambda a, i: lax.dynamic_index_in_dim(a, i, 0, keepdims=False)
 put = lambda a, i, x: lax.dynamic_update_index_in_dim(a, x, i, 0)
 take = lambda tree, i: jax.tree.map(lambda a: row(a, i), tree)
+
+
+def take2(tree, i, j):
+    """Rows i and j of every buffer in `tree`, each buffer read once (one gather): a buffer read
+    by two slices and then updated in place is copied, whole, every tick."""
+    both = jax.tree.map(lambda a: jnp.take(a, jnp.stack([i, j]), axis=0, mode="clip"), tree)
+    return jax.tree.map(lambda a: a[0], both), jax.tree.map(lambda a: a[1], both)
 zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
 
 
@@ -64,6 +82,62 @@ def join_residuals(kept, layout, params):
     tdef, where = layout
     p, rest = jax.tree.leaves(params), iter(kept)
     return jax.tree.unflatten(tdef, [next(rest) if w is None else p[w] for w in where])
+
+
+class FlatGrads:
+    """A rank's gradients in one flat buffer: per module its stacks, chunk-major ([K, c_m]), then
+    its edges, then a trash window. A backward's gradient is written as one window of the widest
+    chunk and one of the widest edge set, zero-padded: the padding adds zeros to whatever follows."""
+
+    def __init__(self, stacks: dict, edges: dict):
+        self.stacks, self.edges = stacks, edges
+        leaves = jax.tree.leaves((stacks, edges))
+        self.dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+        size = lambda tree, lead=0: sum(math.prod(a.shape[lead:]) for a in jax.tree.leaves(tree))
+        self.chunk = {m: size(s, 1) for m, s in stacks.items()}
+        self.n_chunks = {m: jax.tree.leaves(s)[0].shape[0] if jax.tree.leaves(s) else 0 for m, s in stacks.items()}
+        self.edge = {m: size(e) for m, e in edges.items()}
+        self.w_stack = max(self.chunk.values(), default=0)
+        self.w_edge = max(self.edge.values(), default=0)
+        self.stack_at, self.edge_at, at = {}, {}, 0
+        for m in stacks:
+            self.stack_at[m], at = at, at + self.n_chunks[m] * self.chunk[m]
+        for m in edges:
+            self.edge_at[m], at = at, at + self.edge[m]
+        self.trash = at
+        self.size = at + max(self.w_stack, self.w_edge, 1)
+
+    def zeros(self):
+        return jnp.zeros((self.size,), self.dtype)
+
+    def flat(self, tree, width):
+        """One chunk's (or edge set's) gradient as a window of `width`."""
+        parts = [a.reshape(-1).astype(self.dtype) for a in jax.tree.leaves(tree)]
+        v = jnp.concatenate(parts) if parts else jnp.zeros((0,), self.dtype)
+        return jnp.pad(v, (0, width - v.shape[0]))
+
+    @staticmethod
+    def add(G, at, window):
+        if window.shape[0] == 0:
+            return G
+        return lax.dynamic_update_slice(G, lax.dynamic_slice(G, (at,), window.shape) + window, (at,))
+
+    def unflatten(self):
+        """G -> (stack gradients, edge gradients) in the trees' shapes."""
+        def split(G, tree, at, lead):
+            leaves, tdef = jax.tree.flatten(tree)
+            width = sum(math.prod(a.shape[1 if lead else 0:]) for a in leaves)
+            block = lax.slice_in_dim(G, at, at + width * (lead or 1))
+            block = block.reshape(lead, width) if lead else block
+            out, o = [], 0
+            for a in leaves:
+                n = math.prod(a.shape[1 if lead else 0:])
+                piece = block[:, o:o + n] if lead else block[o:o + n]
+                out.append(piece.reshape(a.shape).astype(a.dtype))
+                o += n
+            return jax.tree.unflatten(tdef, out)
+        return lambda G: ({m: split(G, s, self.stack_at[m], self.n_chunks[m]) for m, s in self.stacks.items()},
+                          {m: split(G, e, self.edge_at[m], 0) for m, e in self.edges.items()})
 
 
 def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_reductions: bool = False):
@@ -99,6 +173,20 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
     bwd_perm = [(i, (i - 1) % Pn) for i in range(Pn)]
     D = spec.llm_dim
     tensor_split = mesh.shape.get(TENSOR, 1) > 1
+    # the switches' branches: 0 is the no-op (its operands pass through without a copy)
+    fwd_branches = [(m, last, store) for m in mods for store in ((False, True) if nres[m] else (False,))
+                    for last in (False, True)]
+    bwd_branches = [(m, last, stored) for m in mods if bwd[m]
+                    for stored in ((False, True) if nres[m] else (False,)) for last in (False, True)]
+
+    def branch_table(branches):
+        """[module, last, strategy] -> switch index (a strategy a module lacks never occurs)."""
+        tab = [[[0, 0], [0, 0]] for _ in mods]
+        for i, (m, last, s) in enumerate(branches):
+            tab[kid[m]][int(last)][int(s)] = i + 1
+            if not nres[m]:
+                tab[kid[m]][int(last)][1] = i + 1
+        return jnp.asarray(tab, jnp.int32)
 
     def module_of(m, layer_p, edge):
         return nnx.merge(spec.graphdef[m], nnx.State({"blocks": layer_p}), edge)
@@ -113,66 +201,84 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
             return _where(keep, module.step(merge(p), c, ctx), c), None
         return lax.scan(body, carry, (layer_p, layer_mask))[0]
 
-    def chunk(m, layer_p, layer_mask, edge, x_stash, ext, first, last, batch, mb, sub):
-        """One op's forward: (embed if first) -> masked layers -> (head / loss if last).
-        Returns (carry out, boundary out, loss)."""
-        module = module_of(m, layer_p, edge)
-        u = unit[m]
+    def inputs_of(m, ext, batch, mb, sub):
+        """(what the module's embed reads, what its blocks' context is built from)."""
         if m in encoders:
-            raw = _sub(row(batch[spec.encoder_input[m][0]], mb), sub, u)
-            x = _where(first, module.embed(raw), x_stash)
-            y = blocks(m, layer_p, layer_mask, module, x, None)
-            out = lax.cond(last, module.head, lambda y: jnp.zeros(spec.boundary_shape[m], spec.dtype), y)
-            return y, out, jnp.zeros((), jnp.float32)
+            return _sub(row(batch[spec.encoder_input[m][0]], mb), sub, unit[m]), None
+        b = head_needs(m, ext, batch, mb, sub, inputs=True)
+        return b, b
+
+    def head_needs(m, ext, batch, mb, sub, inputs=False):
+        """The batch rows a backbone's or generator's head (or, `inputs`, its embed) reads."""
         r = rt[m]
         if m == bb:
             b = {k: row(batch[k], mb)[None] for k in r.batch_keys}
+            if not inputs:
+                return b
             merges = tuple((ext[e].reshape(1, -1, D), row(batch[spec.encoder_input[e][1]], mb)[None])
                            for e in encoders)
-            inputs = r.inputs(b, merges)
-            x = _where(first, module.embed(inputs), x_stash)
-            y = blocks(m, layer_p, layer_mask, module, x, module.context(inputs))
-            hidden, loss = lax.cond(last, lambda y: r.loss(module.head(y), b, batch),
-                                    lambda y: (jnp.zeros_like(y), jnp.zeros((), jnp.float32)), y)
-            return y, hidden, loss
-        # the generator
-        b = {k: _sub(row(batch[k], mb), sub, u) for k in r.batch_keys}
-        inputs, target = r.inputs(b, ext)
-        x = _where(first, module.embed(inputs), x_stash)
-        y = blocks(m, layer_p, layer_mask, module, x, module.context(inputs))
-        loss = lax.cond(last, lambda y: r.loss(module.head(y), target, b, batch) * spec.loss_weight[m],
-                        lambda y: jnp.zeros((), jnp.float32), y)
-        return y, jnp.zeros((), jnp.float32), loss
+            return r.inputs(b, merges)
+        b = {k: _sub(row(batch[k], mb), sub, unit[m]) for k in r.batch_keys}
+        model_in, target = r.inputs(b, ext)
+        return model_in if inputs else (b, target)
+
+    def body(m, lp, mask, edge, x_stash, ext, first, batch, mb, sub):
+        """A chunk's blocks: (embed if first) -> masked layers."""
+        module = module_of(m, lp, edge)
+        emb, ctx = inputs_of(m, ext, batch, mb, sub)
+        x = _where(first, module.embed(emb), x_stash)
+        return blocks(m, lp, mask, module, x, None if ctx is None else module.context(ctx))
+
+    def head(m, lp, edge, y, ext, batch, mb, sub):
+        """A last chunk's head: (boundary out, loss)."""
+        module = module_of(m, lp, edge)
+        if m in encoders:
+            return module.head(y), jnp.zeros((), jnp.float32)
+        need = head_needs(m, ext, batch, mb, sub)
+        if m == bb:
+            return rt[m].loss(module.head(y), need, batch)
+        b, target = need
+        return jnp.zeros((), jnp.float32), rt[m].loss(module.head(y), target, b, batch) * spec.loss_weight[m]
+
+    def out_zero(m):
+        """A chunk's boundary output when it is not the last."""
+        if m in encoders:
+            return jnp.zeros(spec.boundary_shape[m], spec.dtype)
+        if m == bb:
+            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec.carry[bb])
+        return jnp.zeros((), jnp.float32)
 
     def cond_index(batch, mb, sub):
         """The backbone positions the generator's sub-microbatch conditions on."""
         return _sub(row(batch[rt[gen].cond_key], mb), sub, unit[gen])
 
-    def external(m, bufs, aux, batch, mb, sub):
-        """Differentiable inputs a first chunk reads from boundary buffers."""
+    def external(m, bnd_rows, bufs, aux, batch, mb, sub):
+        """Differentiable inputs a first chunk reads from boundary buffers (`bnd_rows`: the
+        encoder outputs of the microbatch at `aux`)."""
         if m == bb:
-            return {e: row(bufs["bnd"][e], aux) for e in encoders}
+            return dict(bnd_rows)
         if m == gen:
             return row(bufs["cond"], aux)[cond_index(batch, mb, sub)]
         return None
 
-    def chunk_vjp(m, lp, edge, x, ext, mask, first, last, batch, mb, sub, store=False):
-        f = lambda lp, e, x, ex: chunk(m, lp, mask, e, x, ex, first, last, batch, mb, sub)
+    def body_vjp(m, lp, edge, x, ext, mask, first, batch, mb, sub, store=False):
+        f = lambda lp, e, x, ex: body(m, lp, mask, e, x, ex, first, batch, mb, sub)
         if store:       # keep the matmuls' outputs, recompute the elementwise rest in the backward
             f = jax.checkpoint(f, policy=jax.checkpoint_policies.dots_saveable)
         return jax.vjp(f, lp, edge, x, ext)
 
     def residual_layout(m, lp, edge, x, ext, mask, batch):
         """(shapes of the kept residuals, their layout) of a chunk of `m`: the same for every
-        chunk and op of the module (the chunk stacks share one shape; first/last are traced)."""
+        chunk and op of the module (the chunk stacks share one shape; `first` is traced, and the
+        head is recomputed from the stored blocks' output)."""
         layout = {}
 
-        def probe(lp, edge, x, ext, mask, first, last, batch, mb, sub):
-            kept, layout["l"] = split_residuals(chunk_vjp(m, lp, edge, x, ext, mask, first, last, batch, mb, sub, True)[1],
-                                                (lp, edge))
-            return kept
+        def probe(lp, edge, x, ext, mask, first, batch, mb, sub):
+            y, pull = body_vjp(m, lp, edge, x, ext, mask, first, batch, mb, sub, True)
+            kept, layout["l"] = split_residuals(pull, (lp, edge))
+            return [*kept, *jax.tree.leaves(y)]
         flag, i = jnp.zeros((), bool), jnp.zeros((), jnp.int32)
-        shapes = jax.eval_shape(probe, lp, edge, x, ext, mask, flag, flag, batch, i, i)
+        shapes = jax.eval_shape(probe, lp, edge, x, ext, mask, flag, batch, i, i)
         return shapes, layout["l"]
 
     def per_rank(params, masks, batch, ops, recv, n_ticks):
@@ -189,127 +295,139 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
                 "bnd": {e: jnp.zeros((nb + 1, *spec.bnd_shape[e]), spec.dtype) for e in encoders},
                 "bcot": {e: jnp.zeros((nb + 1, *spec.bnd_shape[e]), spec.dtype) for e in encoders if bwd[e]}}
         if gen is not None:
-            S = batch[rt[bb].batch_keys[0]].shape[-1]
+            S_ = batch[rt[bb].batch_keys[0]].shape[-1]
             for k in ("cond", "hcot", "hacc"):
-                bufs[k] = jnp.zeros((nc + 1, S, D), spec.dtype)
-        grads = {"stacks": {m: zeros(stacks[m]) for m in mods if bwd[m]},
-                 "edges": {m: zeros(edges[m]) for m in mods if bwd[m]}}
-        layout, bufs["res"] = {}, {}
+                bufs[k] = jnp.zeros((nc + 1, S_, D), spec.dtype)
+        flat = FlatGrads({m: stacks[m] for m in mods if bwd[m]}, {m: edges[m] for m in mods if bwd[m]})
+        grads = flat.zeros()
+        layout, res_zero = {}, {}
+        bufs["res"] = {}
         for m in mods:
             if nres[m]:
-                ext = external(m, bufs, 0, batch, 0, 0)
+                ext = external(m, take(bufs["bnd"], 0), bufs, 0, batch, 0, 0)
                 kept, layout[m] = residual_layout(m, take(stacks[m], 0), edges[m], act[m], ext, row(masks[m], 0), batch)
                 step.residual_bytes[m] = sum(k.size * k.dtype.itemsize for k in kept)
                 bufs["res"][m] = [jnp.zeros((nres[m] + 1, *k.shape), k.dtype) for k in kept]
+                res_zero[m] = [jnp.zeros(k.shape, k.dtype) for k in kept]
+        f_table, b_table = branch_table(fwd_branches), branch_table(bwd_branches)
+        chunks_of = jnp.asarray([n_chunks[m] for m in mods], jnp.int32)
+        stack_at = jnp.asarray([flat.stack_at.get(m, flat.trash) for m in mods], jnp.int32)
+        chunk_w = jnp.asarray([flat.chunk.get(m, 0) for m in mods], jnp.int32)
+        edge_at = jnp.asarray([flat.edge_at.get(m, flat.trash) for m in mods], jnp.int32)
 
-        def position(v, m):
-            c = v * Pn + me
-            return c == 0, c == n_chunks[m] - 1
+        def where_on(c, m_col, v_col):
+            mod, pos = c[m_col], c[v_col] * Pn + me
+            return mod, pos == 0, pos == row(chunks_of, mod) - 1
 
         def tick(t, carry):
             bufs, grads, loss = carry
             op, rc = row(ops, t), row(recv, t)
-            f_out, b_out = {}, {}
-            grads = {"stacks": dict(grads["stacks"]), "edges": dict(grads["edges"])}
-            # Every buffer read happens here, outside the predicated bodies: a body that reads a
-            # buffer written after it would make XLA copy the whole buffer every tick.
-            res = dict(bufs["res"])
+            # Every buffer read happens here, before any write and outside the switches.
+            f_mb, f_sub, f_aux, f_v = op[T.F_MB], op[T.F_SUB], op[T.F_AUX], op[T.F_V]
+            b_mb, b_sub, b_aux, b_v = op[T.B_MB], op[T.B_SUB], op[T.B_AUX], op[T.B_V]
+            f_in, b_in = {}, {}
             for m in mods:
-                mb, sub, aux, v = op[T.F_MB], op[T.F_SUB], op[T.F_AUX], op[T.F_V]
-                x_in = take(bufs["stash"][m], op[T.F_IN])
-                ext = external(m, bufs, aux, batch, mb, sub)
-
-                def fwd(c, m=m, x_in=x_in, ext=ext, mb=mb, sub=sub, v=v):
-                    go, _, _, loss = c
-                    first, last = position(v, m)
-                    y, out, l = chunk(m, take(stacks[m], v), row(masks[m], v), edges[m], x_in, ext,
-                                      first, last, batch, mb, sub)
-                    return go & False, y, out, loss + l
-
-                def fwd_store(c, m=m, x_in=x_in, ext=ext, mb=mb, sub=sub, v=v):
-                    go, _, _, loss, buf = c
-                    first, last = position(v, m)
-                    lp = take(stacks[m], v)
-                    (y, out, l), pull = chunk_vjp(m, lp, edges[m], x_in, ext, row(masks[m], v), first, last,
-                                                  batch, mb, sub, True)
-                    kept = split_residuals(pull, (lp, edges[m]))[0]
-                    return go & False, y, out, loss + l, [put(B_, op[T.F_RES], k) for B_, k in zip(buf, kept)]
-                out0 = (jnp.zeros(spec.boundary_shape[m], spec.dtype) if m in encoders else
-                        act[bb] if m == bb else jnp.zeros((), jnp.float32))
-                go = (op[T.F_ON] == 1) & (op[T.F_MOD] == kid[m])
-                stores = op[T.F_STORE] == 1
-                _, y, out, loss = lax.while_loop(lambda c: c[0], fwd, (go & ~stores if nres[m] else go, act[m], out0, loss))
-                if nres[m]:
-                    # the body writes its slot of the residual buffer in place; the backward reads
-                    # the buffer only after this loop (a slot is never written and read in one
-                    # tick, tables.py), so nothing else holds it and nothing is copied
-                    _, y, out, loss, res[m] = lax.while_loop(lambda c: c[0], fwd_store, (go & stores, y, out, loss, res[m]))
-                f_out[m] = (y, out, out0)
-            res_in = {m: take(res[m], op[T.B_RES]) for m in res}
+                f_in[m], b_in[m] = take2(bufs["stash"][m], op[T.F_IN], op[T.B_IN])
+            bnd_f, bnd_b = take2(bufs["bnd"], f_aux, b_aux)
+            f_ext = {m: external(m, bnd_f, bufs, f_aux, batch, f_mb, f_sub) for m in mods}
+            b_ext = {m: external(m, bnd_b, bufs, b_aux, batch, b_mb, b_sub) for m in mods if bwd[m]}
+            ct_in = {m: take(bufs["cot"][m], op[T.B_COT]) for m in mods if bwd[m]}
+            res_in = {m: take(bufs["res"][m], op[T.B_RES]) for m in bufs["res"]}
+            hrow = row(bufs["hacc"], b_aux) if gen is not None and bwd[gen] else None
+            ct_head = {}
             for m in mods:
-                if not bwd[m]:
-                    continue
-                mb, sub, aux, v = op[T.B_MB], op[T.B_SUB], op[T.B_AUX], op[T.B_V]
-                x_in = take(bufs["stash"][m], op[T.B_IN])
-                ext = external(m, bufs, aux, batch, mb, sub)
-                ct_in = take(bufs["cot"][m], op[T.B_COT])
-                if m in encoders:
-                    ct_head = row(row(bufs["bcot"][m], aux), sub)
+                if m in encoders and bwd[m]:
+                    ct_head[m] = row(row(bufs["bcot"][m], b_aux), b_sub)
                 elif m == bb and gen is not None:      # a trash address: this microbatch has no generator items
-                    ct_head = jnp.where(aux < nc, row(bufs["hcot"], aux), 0.0)[None]
-                else:
-                    ct_head = None
+                    ct_head[m] = jnp.where(b_aux < nc, row(bufs["hcot"], b_aux), 0.0)[None]
 
-                def recompute(first, last, m=m, x_in=x_in, ext=ext, mb=mb, sub=sub, v=v):
-                    (y, out, _), pull = chunk_vjp(m, take(stacks[m], v), edges[m], x_in, ext, row(masks[m], v),
-                                                  first, last, batch, mb, sub)
-                    return y, out, pull
+            # the forward op
+            f_mod, f_first, f_last = where_on(op, T.F_MOD, T.F_V)
+            f_store = op[T.F_STORE] == 1
+            f_idx = jnp.where(op[T.F_ON] == 1, f_table[f_mod, f_last.astype(jnp.int32), f_store.astype(jnp.int32)], 0)
+            f_zero = ({m: act[m] for m in mods}, {m: out_zero(m) for m in mods}, jnp.zeros((), jnp.float32),
+                      {m: res_zero[m] for m in res_zero})
 
-                def restore(first, last, m=m, v=v):
-                    pull = join_residuals(res_in[m], layout[m], (take(stacks[m], v), edges[m]))
-                    return act[m], f_out[m][2], pull
+            def fwd(m, last, store):
+                def run():
+                    lp, mask = take(stacks[m], f_v), row(masks[m], f_v)
+                    if store:
+                        y, pull = body_vjp(m, lp, edges[m], f_in[m], f_ext[m], mask, f_first, batch, f_mb, f_sub, True)
+                        kept = [*split_residuals(pull, (lp, edges[m]))[0], *jax.tree.leaves(y)]
+                    else:
+                        y = body(m, lp, mask, edges[m], f_in[m], f_ext[m], f_first, batch, f_mb, f_sub)
+                    out, l = head(m, lp, edges[m], y, f_ext[m], batch, f_mb, f_sub) if last else (out_zero(m), 0.0)
+                    ys, outs, _, res = f_zero
+                    res = {**res, m: kept} if store else res
+                    return {**ys, m: y}, {**outs, m: out}, jnp.asarray(l, jnp.float32), res
+                return run
+            ys, outs, l, kept = lax.switch(f_idx, [lambda: f_zero] + [fwd(*k) for k in fwd_branches])
+            loss = loss + l
 
-                def bwd_body(c, pull_of, m=m, ct_in=ct_in, ct_head=ct_head, mb=mb, sub=sub, aux=aux, v=v):
-                    go, _, _, hacc, g_stack, g_edge = c
-                    first, last = position(v, m)
-                    y, out, pull = pull_of(first, last)
-                    ct_y = _where(last, zeros(y), ct_in)
-                    ct_out = jnp.zeros_like(out) if ct_head is None else jnp.where(last, ct_head, 0.0)
-                    g_lp, g_e, g_x, g_ext = pull((ct_y, ct_out, jnp.where(last, 1.0, 0.0).astype(jnp.float32)))
-                    g_stack = jax.tree.map(lambda G, g: put(G, v, row(G, v) + g), g_stack, g_lp)
-                    g_edge = jax.tree.map(jnp.add, g_edge, g_e)
-                    payload = g_ext if m == bb else jnp.zeros((), jnp.float32)
+            # the backward op
+            b_mod, b_first, b_last = where_on(op, T.B_MOD, T.B_V)
+            b_stored = op[T.B_STORE] == 1
+            b_idx = jnp.where(op[T.B_ON] == 1, b_table[b_mod, b_last.astype(jnp.int32), b_stored.astype(jnp.int32)], 0)
+            pay_zero = {}
+            if bwd.get(bb) and encoders:
+                pay_zero[bb] = {e: jnp.zeros(spec.bnd_shape[e], spec.dtype) for e in encoders}
+            if gen is not None and bwd[gen]:
+                pay_zero[gen] = jnp.zeros_like(hrow)
+            b_zero = ({m: act[m] for m in mods if bwd[m]}, pay_zero,
+                      jnp.zeros((flat.w_stack,), flat.dtype), jnp.zeros((flat.w_edge,), flat.dtype))
+
+            def bwd_op(m, last, stored):
+                def run():
+                    lp, mask = take(stacks[m], b_v), row(masks[m], b_v)
+                    if stored:
+                        ydef = jax.tree.structure(act[m])
+                        kept, ys_ = res_in[m][:-ydef.num_leaves], res_in[m][-ydef.num_leaves:]
+                        y, pull = jax.tree.unflatten(ydef, ys_), join_residuals(kept, layout[m], (lp, edges[m]))
+                    else:
+                        y, pull = body_vjp(m, lp, edges[m], b_in[m], b_ext[m], mask, b_first, batch, b_mb, b_sub)
+                    if last:
+                        (out, _), pull_head = jax.vjp(lambda e, y, ex: head(m, lp, e, y, ex, batch, b_mb, b_sub),
+                                                      edges[m], y, b_ext[m])
+                        ct_out = ct_head[m] if m in ct_head else jnp.zeros_like(out)
+                        g_eh, ct_y, g_exh = pull_head((ct_out, jnp.ones((), jnp.float32)))
+                    else:
+                        ct_y = ct_in[m]
+                    g_lp, g_e, g_x, g_ext = pull(ct_y)
+                    if last:
+                        g_e = jax.tree.map(jnp.add, g_e, g_eh)
+                        g_ext = jax.tree.map(jnp.add, g_ext, g_exh)
+                    gx, pay, _, _ = b_zero
+                    if m == bb and bb in pay:
+                        pay = {**pay, bb: g_ext}
                     if m == gen:
-                        idx = cond_index(batch, mb, sub)
-                        acc = jnp.where(op[T.B_FIRST] == 1, 0.0, row(hacc, aux)).at[idx].add(g_ext)
-                        hacc = put(hacc, aux, jnp.where(first, acc, row(hacc, aux)))
-                        payload = acc
-                    return go & False, g_x, payload, hacc, g_stack, g_edge
+                        idx = cond_index(batch, b_mb, b_sub)
+                        pay = {**pay, gen: jnp.where(op[T.B_FIRST] == 1, 0.0, hrow).at[idx].add(g_ext)}
+                    return {**gx, m: g_x}, pay, flat.flat(g_lp, flat.w_stack), flat.flat(g_e, flat.w_edge)
+                return run
+            gx, pay, g_stack, g_edge = lax.switch(b_idx, [lambda: b_zero] + [bwd_op(*k) for k in bwd_branches])
+            b_on = op[T.B_ON] == 1
+            grads = flat.add(grads, jnp.where(b_on, row(stack_at, b_mod) + b_v * row(chunk_w, b_mod), flat.trash), g_stack)
+            grads = flat.add(grads, jnp.where(b_on, row(edge_at, b_mod), flat.trash), g_edge)
 
-                pay0 = ({e: jnp.zeros(spec.bnd_shape[e], spec.dtype) for e in encoders} if m == bb else
-                        bufs["hacc"][0] if m == gen else jnp.zeros((), jnp.float32))
-                go = (op[T.B_ON] == 1) & (op[T.B_MOD] == kid[m])
-                stored = op[T.B_STORE] == 1
-                hacc = bufs["hacc"] if m == gen else jnp.zeros((), jnp.float32)   # a buffer a body writes
-                c = (go & ~stored if nres[m] else go, act[m], pay0, hacc, grads["stacks"][m], grads["edges"][m])
-                c = lax.while_loop(lambda c: c[0], lambda c, f=recompute: bwd_body(c, f), c)
-                if nres[m]:
-                    c = lax.while_loop(lambda c: c[0], lambda c, f=restore: bwd_body(c, f), (go & stored, *c[1:]))
-                _, gx, payload, hacc, grads["stacks"][m], grads["edges"][m] = c
-                if m == gen:
-                    bufs = {**bufs, "hacc": hacc}
-                b_out[m] = (gx, payload)
-            # communication, every tick: one packed collective per direction carries every channel
-            sent_up = {"act": {m: f_out[m][0] for m in mods}, "bnd": {e: f_out[e][1] for e in encoders}}
-            sent_down = {"cot": {m: b_out[m][0] for m in mods if bwd[m]},
-                         "bcot": {e: b_out[bb][1][e] for e in encoders if bwd[e] and bwd[bb]}}
-            if gen is not None:
-                sent_up["cond"] = f_out[bb][1][0]
-                if bwd[gen]:
-                    sent_down["hcot"] = b_out[gen][1]
-            up, down = send(sent_up, fwd_perm), send(sent_down, bwd_perm)
+            # writes, then communication: one packed collective per direction carries every channel.
+            # The barrier orders every read of this tick before every write: without it the reads
+            # for the backward (which no write depends on) could run late, and XLA copies each
+            # buffer twice to keep them safe.
+            bufs, _ = lax.optimization_barrier((bufs, (ys, outs, kept, gx, pay, g_stack, g_edge)))
             new = dict(bufs)
-            new["res"] = res
+            f_on = op[T.F_ON] == 1
+            new["res"] = {m: [put(B_, jnp.where(f_on & f_store & (f_mod == kid[m]), op[T.F_RES], nres[m]), k)
+                              for B_, k in zip(bufs["res"][m], kept[m])] for m in bufs["res"]}
+            if gen is not None and bwd[gen]:
+                at = jnp.where(b_on & (b_mod == kid[gen]) & b_first, b_aux, nc)
+                new["hacc"] = put(bufs["hacc"], at, pay[gen])
+            sent_up = {"act": ys, "bnd": {e: outs[e] for e in encoders}}
+            sent_down = {"cot": gx, "bcot": {e: pay[bb][e] for e in encoders if bwd[e] and bwd[bb]}}
+            if gen is not None:
+                sent_up["cond"] = outs[bb][0]
+                if bwd[gen]:
+                    sent_down["hcot"] = pay[gen]
+            up, down = send(sent_up, fwd_perm), send(sent_down, bwd_perm)
             stash, cot = dict(bufs["stash"]), dict(bufs.get("cot", {}))
             for m in mods:
                 stash[m] = jax.tree.map(lambda B_, y: put(B_, rc[cols[f"f:{m}"]], y), stash[m], up["act"][m])
@@ -319,7 +437,7 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
             bnd, bcot = dict(bufs["bnd"]), dict(bufs["bcot"])
             for e in encoders:
                 val, s, u = up["bnd"][e], rc[cols[f"bnd:{e}"]], rc[cols[f"bnd_sub:{e}"]]
-                bnd[e] = put(bnd[e], s, put(row(bnd[e], s), u, val))
+                bnd[e] = lax.dynamic_update_slice(bnd[e], val[None, None], (s, u) + (0,) * val.ndim)
                 if e in down["bcot"]:
                     bcot[e] = put(bcot[e], rc[cols[f"bcot:{e}"]], down["bcot"][e])
             new["bnd"], new["bcot"] = bnd, bcot
@@ -330,12 +448,13 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
             return new, grads, loss
 
         bufs, grads, loss = lax.fori_loop(0, n_ticks, tick, (bufs, grads, jnp.zeros((), jnp.float32)))
+        g_stacks, g_edges = flat.unflatten()(grads)
         # two packed reductions: stage stacks over the replicas, everything replicated over all
-        stacks = reduce(grads["stacks"], REPLICA)
-        loss, edges = reduce((loss, grads["edges"]), (STAGE, REPLICA))
+        g_stacks = reduce(g_stacks, REPLICA)
+        loss, g_edges = reduce((loss, g_edges), (STAGE, REPLICA))
         out = {}
-        for m in stacks:
-            g = {"blocks": jax.tree.map(lambda g: g[None], stacks[m]), **edges[m]}
+        for m in g_stacks:
+            g = {"blocks": jax.tree.map(lambda g: g[None], g_stacks[m]), **g_edges[m]}
             out[m] = like(params[m], nnx.State(g))
         return loss, out
 
