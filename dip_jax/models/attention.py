@@ -181,7 +181,7 @@ def xla_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, causal: bool
 # -- blockwise --------------------------------------------------------------------------------
 
 def blockwise_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, causal: bool = False,
-                        block_q: int = BLOCK, block_k: int = BLOCK):
+                        block_q: int | None = None, block_k: int | None = None):
     """Flash-style attention in plain JAX: O(S) residuals, scores recomputed tile by tile in the
     backward. Static-length scans only (no while loop with a data-dependent trip count, no
     cond); under `causal` the tiles above the diagonal are never visited."""
@@ -189,7 +189,7 @@ def blockwise_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, causal
     T = k.shape[1]
     if q_segment_ids is None:
         q_segment_ids, kv_segment_ids = jnp.zeros((B, S), jnp.int32), jnp.zeros((B, T), jnp.int32)
-    bq, bk = min(block_q, S), min(block_k, T)
+    bq, bk = min(block_q or BLOCK, S), min(block_k or BLOCK, T)
     return _blockwise(q, k, v, q_segment_ids, kv_segment_ids, causal, bq, bk)
 
 
