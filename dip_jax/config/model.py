@@ -14,6 +14,8 @@ MODULES = ("vision", "audio", "llm", "dit")
 NORMS = ("rms", "layer")
 MLPS = ("swiglu", "gelu", "gelu_tanh", "quick_gelu")
 ROPE_SCALINGS = ("default", "linear", "llama3")
+# attention backends (dip_jax/models/attention.py): auto picks one per platform, dtype and length
+ATTENTIONS = ("auto", "xla", "cudnn", "splash", "blockwise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +242,10 @@ class ModelConfig:
     # what matmuls and the activations between pipeline stages run in; parameters, optimizer
     # state, softmax and losses stay float32 either way
     compute_dtype: str = "float32"
+    # how every attention layer computes: xla (jax.nn.dot_product_attention over a dense mask,
+    # S x T scores), blockwise (flash-style online softmax in plain JAX, O(S) residuals),
+    # cudnn (GPU, bf16), splash (TPU), or auto (models/attention.py: choose)
+    attention: str = "xla"
     # configs of module types registered with dip_jax.specs.register: ((name, config), ...)
     extra_modules: tuple = ()
 
@@ -265,6 +271,8 @@ class ModelConfig:
         require(self.dit_loss_weight >= 0, "model.dit_loss_weight", "must be >= 0")
         require(self.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype",
                 f"unknown dtype {self.compute_dtype!r}; choose float32 or bfloat16")
+        require(self.attention in ATTENTIONS, "model.attention",
+                f"unknown attention backend {self.attention!r}; choose one of {ATTENTIONS}")
 
     @property
     def modules(self) -> tuple[str, ...]:

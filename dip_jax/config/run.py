@@ -45,6 +45,10 @@ class PipelineConfig:
     plan_ahead: int = 2                # batches planned ahead of the one running
     plan_deadline_seconds: float = 10.0  # longest wait for a plan before the interleaved-1F1B fallback
     plan_faults: tuple = ()            # ((step, "raise" | "late"), ...): make the planner fail, to test fallback
+    # XLA flags the CLI appends to XLA_FLAGS before jax starts (dip_jax/train/xla_flags.py):
+    # auto = GPU command buffers (collectives, loops, conditionals too) and the latency-hiding
+    # scheduler, on a GPU only; none; or an explicit "--flag=value ..." string (any backend)
+    xla_flags: str = "auto"
 
     def check(self) -> None:
         positive(self, "pipeline", "search_rollouts", "step_cache_size", "plan_ahead", "plan_deadline_seconds")
@@ -56,6 +60,8 @@ class PipelineConfig:
         require(self.schedule in SCHEDULES, "pipeline.schedule",
                 f"unknown scheduler {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         require(self.memory_cap_gb > 0, "pipeline.memory_cap_gb", "must be > 0")
+        require(self.xla_flags in ("auto", "none") or all(f.startswith("--") for f in self.xla_flags.split()),
+                "pipeline.xla_flags", f"auto, none, or flags like --xla_name=value, got {self.xla_flags!r}")
         require(self.memory_strategy in MEMORY_STRATEGIES, "pipeline.memory_strategy",
                 f"unknown memory strategy {self.memory_strategy!r}; choose one of {', '.join(MEMORY_STRATEGIES)}")
         require(self.hardware == "auto" or self.hardware.endswith(".json") or self.hardware in HARDWARE_PROFILES,

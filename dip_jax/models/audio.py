@@ -10,7 +10,8 @@ from dip_jax.models.stack import ChunkedModule, make_stack
 
 
 class AudioEncoder(ChunkedModule):
-    def __init__(self, cfg: AudioConfig, out_dim: int, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg: AudioConfig, out_dim: int, rngs: nnx.Rngs, dtype=jnp.float32,
+                 attention: str = "xla"):
         self.cfg, self.dtype = cfg, dtype
         k = cfg.conv_kernel
         pad = "SAME" if cfg.conv_padding == "same" else [(k // 2, k // 2)]
@@ -18,7 +19,7 @@ class AudioEncoder(ChunkedModule):
         self.conv1 = nnx.Conv(cfg.mel_bins, cfg.dim, (k,), strides=(cfg.conv_strides[0],), **conv)
         self.conv2 = nnx.Conv(cfg.dim, cfg.dim, (k,), strides=(cfg.conv_strides[1],), **conv)
         self.pos = nnx.Param(0.02 * nnx.initializers.normal()(rngs.params(), (cfg.tokens_per_clip, cfg.dim)))
-        self.blocks = make_stack(lambda r: Block(cfg, r, dtype), cfg.layers, rngs)
+        self.blocks = make_stack(lambda r: Block(cfg, r, dtype, attention), cfg.layers, rngs)
         self.norm = norm(cfg, rngs, dtype)
         self.projector = Projector(cfg.dim, out_dim, rngs, dtype)
 

@@ -33,23 +33,23 @@ def _dit_loss(pred, target, b, batch):
 
 
 VISION = ModuleRuntime(
-    build=lambda m, cfg, d, rngs, dtype: ViT(cfg, d, rngs, dtype),
+    build=lambda m, cfg, d, rngs, dtype: ViT(cfg, d, rngs, dtype, m.attention),
     example_input=lambda m, u, seq_len, make: make((u, m.vision.image_size, m.vision.image_size, m.vision.channels),
                                                   jnp.float32))
 
 AUDIO = ModuleRuntime(
-    build=lambda m, cfg, d, rngs, dtype: AudioEncoder(cfg, d, rngs, dtype),
+    build=lambda m, cfg, d, rngs, dtype: AudioEncoder(cfg, d, rngs, dtype, m.attention),
     example_input=lambda m, u, seq_len, make: make((u, m.audio.frames_per_clip, m.audio.mel_bins), jnp.float32))
 
 LLM = ModuleRuntime(
-    build=lambda m, cfg, d, rngs, dtype: _LLM(cfg, rngs, dtype),
+    build=lambda m, cfg, d, rngs, dtype: _LLM(cfg, rngs, dtype, m.attention),
     example_input=lambda m, u, seq_len, make: {
         "tokens": make((1, seq_len), jnp.int32), "segment_ids": jnp.ones((1, seq_len), jnp.int32),
         "positions": jnp.arange(seq_len, dtype=jnp.int32)[None], "merges": ()},
     batch_keys=LLM_KEYS, inputs=_llm_inputs, loss=_llm_loss, loss_name="lm_loss", scalars=("n_tokens",))
 
 DIT = ModuleRuntime(
-    build=lambda m, cfg, d, rngs, dtype: DiT(cfg, d, rngs, dtype),
+    build=lambda m, cfg, d, rngs, dtype: DiT(cfg, d, rngs, dtype, m.attention),
     example_input=lambda m, u, seq_len, make: {
         "x_t": make((u, m.dit.tokens_per_clip, m.dit.latent_channels), jnp.float32),
         "t": jnp.full((u,), 0.5, jnp.float32), "cond": make((u, m.dit.cond_tokens, m.llm.dim), jnp.float32),

@@ -28,22 +28,24 @@ def timestep_embedding(t, dim: int):
 
 
 class DiTBlock(nnx.Module):
-    def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs, dtype=jnp.float32, attention: str = "xla"):
         self.ada = linear(cfg.dim, 6 * cfg.dim, rngs, bias=True, scale=0.1, dtype=dtype)
-        self.attn = Attention(cfg, rngs, dtype)
+        self.attn = Attention(cfg, rngs, dtype, attention)
         self.cross_norm = norm(cfg, rngs, dtype)
-        self.cross = Attention(cfg, rngs, dtype)
+        self.cross = Attention(cfg, rngs, dtype, attention)
         self.mlp = mlp(cfg, rngs, dtype)
 
     def __call__(self, x, cond, temb, cond_mask):
         sh1, sc1, g1, sh2, sc2, g2 = jnp.split(self.ada(jax.nn.silu(temb))[:, None, :], 6, axis=-1)
         x = x + g1 * self.attn(_norm(x) * (1 + sc1) + sh1)
-        x = x + self.cross(self.cross_norm(x), kv=cond, mask=cond_mask[:, None, None, :])
+        # the condition mask as segments: every query in segment 1, a padded condition token in 0
+        x = x + self.cross(self.cross_norm(x), kv=cond, segment_ids=jnp.ones(x.shape[:2], jnp.int32),
+                           kv_segment_ids=cond_mask.astype(jnp.int32))
         return x + g2 * self.mlp(_norm(x) * (1 + sc2) + sh2)
 
 
 class DiT(ChunkedModule):
-    def __init__(self, cfg: DiTConfig, cond_dim: int, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg: DiTConfig, cond_dim: int, rngs: nnx.Rngs, dtype=jnp.float32, attention: str = "xla"):
         self.cfg, self.dtype = cfg, dtype
         d = cfg.dim
         self.latent_in = linear(cfg.latent_channels, d, rngs, bias=True, dtype=dtype)
@@ -51,7 +53,7 @@ class DiT(ChunkedModule):
         self.time_fc1 = linear(cfg.time_embed_dim, d, rngs, bias=True, dtype=dtype)
         self.time_fc2 = linear(d, d, rngs, bias=True, dtype=dtype)
         self.cond_in = linear(cond_dim, d, rngs, bias=True, dtype=dtype)
-        self.blocks = make_stack(lambda r: DiTBlock(cfg, r, dtype), cfg.layers, rngs)
+        self.blocks = make_stack(lambda r: DiTBlock(cfg, r, dtype, attention), cfg.layers, rngs)
         self.final_ada = linear(d, 2 * d, rngs, bias=True, scale=0.1, dtype=dtype)
         self.latent_out = linear(d, cfg.latent_channels, rngs, bias=True, dtype=dtype)
 

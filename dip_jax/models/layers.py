@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dip_jax.config import BlockConfig
+from dip_jax.models.attention import attention
 
 
 def linear(d_in: int, d_out: int, rngs: nnx.Rngs, bias: bool = False, scale: float = 1.0,
@@ -74,7 +75,8 @@ def rope(x, positions, theta: float, scaling: tuple = ()):
 
 
 def attention_mask(segment_ids, causal: bool):
-    """[..., S] segment ids (0 = padding) -> bool [..., 1, S, S] (query, key)."""
+    """[..., S] segment ids (0 = padding) -> bool [..., 1, S, S] (query, key): the dense form of
+    what the models pass the attention backends as segment ids and a causal flag."""
     same = segment_ids[..., :, None] == segment_ids[..., None, :]
     if causal:
         s = segment_ids.shape[-1]
@@ -83,20 +85,28 @@ def attention_mask(segment_ids, causal: bool):
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention; keys/values may come from another sequence (cross-attention)."""
+    """Grouped-query attention; keys/values may come from another sequence (cross-attention).
 
-    def __init__(self, cfg: BlockConfig, rngs: nnx.Rngs, dtype=jnp.float32):
+    `attention`: the backend (model.attention; dip_jax/models/attention.py)."""
+
+    def __init__(self, cfg: BlockConfig, rngs: nnx.Rngs, dtype=jnp.float32, attention: str = "xla"):
         d, h, kv, hd = cfg.dim, cfg.heads, cfg.kv_heads, cfg.head_dim
         self.heads, self.kv_heads, self.head_dim = h, kv, hd
+        self.attention = attention
         b = cfg.qkv_bias
         self.q = linear(d, h * hd, rngs, bias=b, dtype=dtype)
         self.k = linear(d, kv * hd, rngs, bias=b and cfg.k_bias, dtype=dtype)
         self.v = linear(d, kv * hd, rngs, bias=b, dtype=dtype)
         self.o = linear(h * hd, d, rngs, bias=cfg.out_bias, dtype=dtype)
 
-    def __call__(self, x, kv=None, mask=None, positions=None, theta: float = 10000.0, scaling: tuple = ()):
+    def __call__(self, x, kv=None, mask=None, positions=None, theta: float = 10000.0, scaling: tuple = (),
+                 segment_ids=None, kv_segment_ids=None, causal: bool = False):
+        """x [..., S, D], kv [..., T, D]. What a query sees: `segment_ids` [..., S] against
+        `kv_segment_ids` [..., T] (self-attention: the same), and `causal`; or a dense bool
+        `mask` broadcastable to [..., heads, S, T] (the xla backend only)."""
         # head counts follow the projections' widths, so a device holding a share of the heads
         # runs the same code on its share
+        self_attention = kv is None
         kv = x if kv is None else kv
         q = self.q(x).reshape(*x.shape[:-1], -1, self.head_dim)
         k = self.k(kv).reshape(*kv.shape[:-1], -1, self.head_dim)
@@ -104,11 +114,15 @@ class Attention(nnx.Module):
         if positions is not None:
             q, k = rope(q, positions, theta, scaling), rope(k, positions, theta, scaling)
         lead = q.shape[:-3]
-        flat = lambda t: t.reshape(-1, *t.shape[-3:])
+        s, t = q.shape[-3], k.shape[-3]
+        flat = lambda a: a.reshape(-1, *a.shape[-3:])
+        if self_attention and kv_segment_ids is None:
+            kv_segment_ids = segment_ids
+        ids = lambda a, n: None if a is None else jnp.broadcast_to(a, (*lead, n)).reshape(-1, n)
         # K/V keep their kv_heads (grouped-query attention natively); the softmax runs in float32
-        # whatever the compute dtype. A row of `mask` must keep at least one key: a fully masked
-        # row is averaged uniformly by XLA but is undefined in fused kernels.
-        out = jax.nn.dot_product_attention(flat(q), flat(k), flat(v), mask=_flat_mask(mask, lead))
+        # whatever the compute dtype
+        out = attention(flat(q), flat(k), flat(v), backend=self.attention, mask=_flat_mask(mask, lead),
+                        q_segment_ids=ids(segment_ids, s), kv_segment_ids=ids(kv_segment_ids, t), causal=causal)
         return self.o(out.reshape(*x.shape[:-1], -1))
 
 
@@ -163,14 +177,16 @@ def mlp(cfg: BlockConfig, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.Module:
 class Block(nnx.Module):
     """Pre-norm transformer block used by the ViT, the audio encoder and the llm."""
 
-    def __init__(self, cfg: BlockConfig, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg: BlockConfig, rngs: nnx.Rngs, dtype=jnp.float32, attention: str = "xla"):
         self.attn_norm = norm(cfg, rngs, dtype)
-        self.attn = Attention(cfg, rngs, dtype)
+        self.attn = Attention(cfg, rngs, dtype, attention)
         self.mlp_norm = norm(cfg, rngs, dtype)
         self.mlp = mlp(cfg, rngs, dtype)
 
-    def __call__(self, x, mask=None, positions=None, theta: float = 10000.0, scaling: tuple = ()):
-        x = x + self.attn(self.attn_norm(x), mask=mask, positions=positions, theta=theta, scaling=scaling)
+    def __call__(self, x, mask=None, positions=None, theta: float = 10000.0, scaling: tuple = (),
+                 segment_ids=None, causal: bool = False):
+        x = x + self.attn(self.attn_norm(x), mask=mask, positions=positions, theta=theta, scaling=scaling,
+                          segment_ids=segment_ids, causal=causal)
         return x + self.mlp(self.mlp_norm(x))
 
 

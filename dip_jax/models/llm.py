@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dip_jax.config import LLMConfig
-from dip_jax.models.layers import Block, attention_mask, linear, norm
+from dip_jax.models.layers import Block, linear, norm
 from dip_jax.models.stack import ChunkedModule, make_stack
 
 
@@ -22,16 +22,17 @@ def merge_embeddings(embeds, values, positions):
 
 
 class LLM(ChunkedModule):
-    def __init__(self, cfg: LLMConfig, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg: LLMConfig, rngs: nnx.Rngs, dtype=jnp.float32, attention: str = "xla"):
         self.cfg = cfg
         self.embedding = nnx.Embed(cfg.vocab_size, cfg.dim, embedding_init=nnx.initializers.normal(1.0),
                                    dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-        self.blocks = make_stack(lambda r: Block(cfg, r, dtype), cfg.layers, rngs)
+        self.blocks = make_stack(lambda r: Block(cfg, r, dtype, attention), cfg.layers, rngs)
         self.norm = norm(cfg, rngs, dtype)
         self.lm_head = None if cfg.tie_embeddings else linear(cfg.dim, cfg.vocab_size, rngs, dtype=dtype)
 
     def context(self, inputs):
-        return {"mask": attention_mask(inputs["segment_ids"], causal=True), "positions": inputs["positions"]}
+        # segment ids, not a dense mask: the attention backend decides whether S x S is ever written
+        return {"segment_ids": inputs["segment_ids"], "positions": inputs["positions"]}
 
     def embed(self, inputs):
         """inputs: tokens [N, S] plus optional (values [N, K, D], positions [N, K]) merges."""
@@ -41,8 +42,8 @@ class LLM(ChunkedModule):
         return x
 
     def step(self, block, x, ctx):
-        return block(x, mask=ctx["mask"], positions=ctx["positions"], theta=self.cfg.rope_theta,
-                     scaling=self.cfg.rope_scaling)
+        return block(x, segment_ids=ctx["segment_ids"], causal=True, positions=ctx["positions"],
+                     theta=self.cfg.rope_theta, scaling=self.cfg.rope_scaling)
 
     def head(self, x):
         """Returns (hidden, logits): the dit conditions on hidden states, the LM loss on logits."""

@@ -15,6 +15,7 @@ from flax import nnx
 
 from dip_jax import specs
 from dip_jax.config import MODULES, ModelConfig
+from dip_jax.models import attention
 from dip_jax.models.losses import flow_loss_sum, flow_targets, lm_loss_sum  # noqa: F401  (re-exported)
 
 
@@ -33,6 +34,7 @@ class LMM(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         d, dtype = cfg.llm.dim, jnp.dtype(cfg.compute_dtype)
+        attention.check(cfg.attention, dtype)     # a backend this machine lacks fails here, not in a compile
         for name in cfg.modules:
             setattr(self, name, specs.get(name).runtime_half().build(cfg, cfg.module(name), d, rngs, dtype))
         for name in MODULES:

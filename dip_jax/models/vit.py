@@ -17,7 +17,8 @@ def patchify(images, patch: int):
 
 
 class ViT(ChunkedModule):
-    def __init__(self, cfg: VisionConfig, out_dim: int, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg: VisionConfig, out_dim: int, rngs: nnx.Rngs, dtype=jnp.float32,
+                 attention: str = "xla"):
         self.cfg, self.dtype = cfg, dtype
         # a linear over row-major p x p x C patches is the stride-p conv of CLIP/SigLIP
         self.patch_embed = linear(cfg.patch_size ** 2 * cfg.channels, cfg.dim, rngs, bias=cfg.patch_bias, dtype=dtype)
@@ -25,7 +26,7 @@ class ViT(ChunkedModule):
         if cfg.class_token:
             self.cls = nnx.Param(0.02 * nnx.initializers.normal()(rngs.params(), (cfg.dim,)))
         self.pre_norm = norm(cfg, rngs, dtype) if cfg.pre_norm else None
-        self.blocks = make_stack(lambda r: Block(cfg, r, dtype), cfg.layers, rngs)
+        self.blocks = make_stack(lambda r: Block(cfg, r, dtype, attention), cfg.layers, rngs)
         self.norm = norm(cfg, rngs, dtype) if cfg.head_norm else None
         self.projector = Projector(cfg.spatial_merge ** 2 * cfg.dim, out_dim, rngs, dtype)
 

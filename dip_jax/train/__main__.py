@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         if path is None:
             raise ConfigError("--config is required")
         cfg = apply_overrides(load_config_file(path), overrides)
+        from dip_jax.train import xla_flags
+        xla_flags.apply(cfg.pipeline.xla_flags)     # before anything starts a jax backend
         from dip_jax.runtime.mesh import configure_host_devices
         configure_host_devices()
         from dip_jax.runtime.distributed import initialize
