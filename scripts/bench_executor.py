@@ -44,6 +44,7 @@ from dip_jax.plan.schedule import ModuleChunks               # noqa: E402
 from dip_jax.plan.simulate import Costs                      # noqa: E402
 from dip_jax.plan.workload import workload_from_metadata     # noqa: E402
 from dip_jax.train.measure import median_seconds                 # noqa: E402
+from dip_jax.runtime import hlo                     # noqa: E402
 from dip_jax.runtime.mesh import make_mesh                   # noqa: E402
 from dip_jax.runtime.pipeline import PipelineExecutor        # noqa: E402
 
@@ -62,6 +63,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--idle-ticks", type=int, default=256)
     ap.add_argument("--json", default="runs/bench_executor.json")
+    ap.add_argument("--remat", default="auto", choices=("auto", "chunk", "layers"),
+                    help="what a recomputing backward keeps (pipeline.remat)")
     ap.add_argument("--hlo", default=None, help="also write the compiled executor HLO here")
     ap.add_argument("--attention", default="xla", help="model.attention: auto, xla, blockwise, cudnn, splash")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="model.compute_dtype")
@@ -91,7 +94,7 @@ def main() -> int:
     remat = jax.jit(jax.value_and_grad(jax.checkpoint(loss)))
     part = ModalityPartition(1, tuple(ModuleChunks(m, 1, (getattr(cfg.model, m).layers,), True,
                                                    a.images if m == "vision" else 1) for m in cfg.model.modules))
-    ex = PipelineExecutor(model, part, make_mesh(1, 1), {"vision": a.images}, a.seq)
+    ex = PipelineExecutor(model, part, make_mesh(1, 1), {"vision": a.images}, a.seq, remat=a.remat)
     plan = schedule_baseline("1f1b", part.graph(workload_from_metadata(cfg, batch.metadata)), Costs(latency=lambda o: 1.0))
     ops, recv, n_ticks, sig = ex.tables([plan])
     args = [ex.to_stage(params), ex.masks, *ex.device_inputs(batch.arrays, ops, recv, n_ticks)]
@@ -124,20 +127,24 @@ def main() -> int:
     print(f"  idle tick            {1e6 * res['idle_tick_s']:9.1f} us")
     print(f"  compile              {compile_s:9.2f} s")
     print(f"  bytes per stash slot {slot_bytes}")
-    return finish(res, step, a)
+    return finish(res, step, a, ex)
 
 
-def finish(res: dict, step, a) -> int:
+def finish(res: dict, step, a, ex) -> int:
+    res["remat"] = dict(ex.remat_chosen)
+    print(f"  remat                {res['remat']}")
     if a.hlo:
         text = step.as_text()
         pathlib.Path(a.hlo).write_text(text)
-        import re
-        loop_copies = re.findall(r"= f32\[([\d,]+)\][^\n]* copy\(", text)
-        res["hlo_f32_copies"] = len(loop_copies)
-        res["hlo_conditional_ops"] = text.count(" conditional(")
-        res["hlo_while_ops"] = text.count(" while(")
-        print(f"  HLO: {res['hlo_while_ops']} while, {res['hlo_conditional_ops']} conditional, "
-              f"{len(loop_copies)} f32 copies")
+        syncs = hlo.host_sync_ops(text)
+        copies = hlo.loop_buffer_copies(text)
+        res["hlo_host_sync_ops"] = len(syncs)
+        res["hlo_dynamic_while_ops"] = sum(i.op == "while" for i in syncs)
+        res["hlo_conditional_ops"] = sum(i.op == "conditional" for i in syncs)
+        res["hlo_loop_buffer_copies"] = len(copies)
+        print(f"  HLO: {len(syncs)} host-synchronising ops ({res['hlo_dynamic_while_ops']} while without a known "
+              f"trip count, {res['hlo_conditional_ops']} conditional), {len(copies)} copies of a carried buffer "
+              f"in the tick loop; written to {a.hlo}")
     path = pathlib.Path(a.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1))
@@ -153,7 +160,7 @@ def compile_only(cfg: TrainConfig, a, attention: str) -> int:
     batch = PackedBatches(cfg)(0)
     part = ModalityPartition(1, tuple(ModuleChunks(m, 1, (getattr(cfg.model, m).layers,), True,
                                                    a.images if m == "vision" else 1) for m in cfg.model.modules))
-    ex = PipelineExecutor(model, part, make_mesh(1, 1), {"vision": a.images}, a.seq)
+    ex = PipelineExecutor(model, part, make_mesh(1, 1), {"vision": a.images}, a.seq, remat=a.remat)
     plan = schedule_baseline("1f1b", part.graph(workload_from_metadata(cfg, batch.metadata)), Costs(latency=lambda o: 1.0))
     ops, recv, n_ticks, sig = ex.tables([plan])
     staged = jax.eval_shape(ex.to_stage, nnx.state(model))
@@ -179,7 +186,7 @@ def compile_only(cfg: TrainConfig, a, attention: str) -> int:
     print(f"  executor arguments   {gib(res['executor_argument_bytes'])} ({res['executor_argument_bytes']:,} B)")
     print(f"  executor outputs     {gib(res['executor_output_bytes'])}")
     print(f"  compile              {compile_s:9.2f} s")
-    return finish(res, step, a)
+    return finish(res, step, a, ex)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from dip_jax.plan.schedule import ModuleChunks
 from dip_jax.plan.search import search
 from dip_jax.plan.simulate import Costs
 from dip_jax.plan.workload import workload_from_metadata
+from dip_jax.runtime import executor, hlo
 from dip_jax.runtime.mesh import make_mesh
 from dip_jax.runtime.pipeline import PipelineExecutor
 
@@ -194,6 +195,68 @@ def test_hlo_loop_has_no_all_reduce_and_no_whole_buffer_copies(encoders):
     assert all(s[0] == K["llm"] > 1 for s in whole)
     copies = {tuple(int(x) for x in shape.split(",")) for shape in re.findall(r"= f32\[([\d,]+)\][^\n]* copy\(", body)}
     assert not copies & whole, f"whole gradient/parameter stack copied in the tick loop: {sorted(copies & whole)}"
+
+
+def assert_tick_lint(setup, plans, ex=None):
+    """The compiled step of `plans`: at most three host-synchronising ops (the tick loop's own
+    condition and one switch per op kind) and no copy of a buffer the tick loop carries."""
+    ex = ex or setup.ex
+    ops, recv, n_ticks, sig = ex.tables(plans, setup.buckets)
+    ex.run_tables(setup.params, setup.batch.arrays, ops, recv, n_ticks, sig)
+    text = ex.cache._programs[("grads", sig)].as_text()
+    syncs = hlo.host_sync_ops(text)
+    assert len(syncs) <= 3, [i.text[:120] for i in syncs]
+    assert sorted(i.op for i in syncs) == ["conditional", "conditional", "while"], [i.op for i in syncs]
+    copies = hlo.loop_buffer_copies(text)
+    assert not copies, [i.text[:120] for i in copies]
+    return text
+
+
+@pytest.mark.parametrize("which", ["encoders", "everything"])
+def test_a_tick_syncs_with_the_host_three_times_and_copies_no_carried_buffer(which, request):
+    """vision + audio + llm at pipe=4, and all four modules at data=2 x pipe=4."""
+    setup = request.getfixturevalue(which)
+    assert_tick_lint(setup, setup.plans(lambda g: schedule_baseline("1f1b", g, UNIT_COSTS)))
+
+
+def test_the_tick_lint_sees_copies_and_host_syncs(encoders, monkeypatch):
+    """Negative controls. (1) The executor reading each stash row with its own slice (as it
+    did): XLA copies those buffers, twice, every tick. (2) A loop with a dynamic trip count
+    holding three predicated conditionals and a scan: four host syncs, the scan not among them.
+    (3) A three-branch switch that carries a buffer: copied on this XLA."""
+    monkeypatch.setattr(executor, "take2", lambda tree, i, j: (executor.take(tree, i), executor.take(tree, j)))
+    broken = PipelineExecutor(encoders.model, encoders.partition, make_mesh(1, 4), {"vision": 4, "audio": 2, "dit": 3}, 48)
+    with pytest.raises(AssertionError, match="copy"):
+        assert_tick_lint(encoders, encoders.plans(lambda g: schedule_baseline("1f1b", g, UNIT_COSTS)), broken)
+
+    def body(t, c):
+        for k in range(3):
+            c = jax.lax.cond(t % (k + 2) == 0, lambda c: c * 2.0, lambda c: c, c)
+        return jax.lax.scan(lambda c, _: (c + 1.0, None), c, None, length=3)[0]
+    text = jax.jit(lambda n, c: jax.lax.fori_loop(0, n, body, c)).lower(3, jnp.ones(4)).compile().as_text()
+    assert sorted(i.op for i in hlo.host_sync_ops(text)) == ["conditional"] * 3 + ["while"]
+
+    put = lambda a, i, x: jax.lax.dynamic_update_index_in_dim(a, x, i, 0)
+    def switch_body(t, A):
+        return jax.lax.switch(t % 3, [lambda A: A, lambda A: put(A, t % 4, A[t % 4] * 2.0),
+                                      lambda A: put(A, t % 4, A[t % 4] + 1.0)], A)
+    text = jax.jit(lambda n, A: jax.lax.fori_loop(0, n, switch_body, A)).lower(3, jnp.ones((4, 1024))).compile().as_text()
+    assert hlo.loop_buffer_copies(text)
+
+
+def test_layer_remat_is_exact_and_keeps_less(encoders):
+    """pipeline.remat=layers: each layer's forward runs again in the backward, from its input
+    alone; the same loss and gradients, a smaller working set than the chunk's residuals (what
+    auto keeps for these small chunks)."""
+    plans = encoders.plans(lambda g: schedule_baseline("1f1b", g, UNIT_COSTS))
+    layers = PipelineExecutor(encoders.model, encoders.partition, make_mesh(1, 4), {"vision": 4, "audio": 2, "dit": 3},
+                              48, remat="layers")
+    encoders.assert_matches(*layers.value_and_grad(encoders.params, encoders.batch.arrays, plans, encoders.buckets))
+    encoders.run(plans)
+    sig = encoders.ex.tables(plans, encoders.buckets)[3]
+    temp = lambda ex: ex.cache._programs[("grads", sig)].memory_analysis().temp_size_in_bytes
+    assert set(encoders.ex.remat_chosen.values()) == {"chunk"} and set(layers.remat_chosen.values()) == {"layers"}
+    assert temp(layers) < temp(encoders.ex), (temp(layers), temp(encoders.ex))
 
 
 def _tick_loop_permutes(ex, setup, plans) -> int:

@@ -73,6 +73,16 @@ def test_one_program_serves_every_mix(everything):
     assert everything.ex.cache.stats.compiled - before <= 1, everything.ex.cache.stats
 
 
+def test_a_tick_with_residual_slots_stays_within_the_lint(everything):
+    """Stored and recomputed ops in one program: still three host syncs and no carried buffer
+    (the residual slots among them) copied inside the tick loop."""
+    from test_executor import assert_tick_lint
+    rng = random.Random(4)
+    plans = [store_some(pl, rng, 0.5) for pl in everything.plans(lambda g: random_plan(g, 4))]
+    assert any(pl.stored for pl in plans)
+    assert_tick_lint(everything, plans)
+
+
 def test_backward_reading_another_residual_slot_breaks_equivalence(everything):
     """Negative control: the same tables with one stored backward pointed at another slot."""
     rng = random.Random(5)

@@ -96,6 +96,12 @@ def test_block_families_match_reference_under_pipe_and_tensor(family_setup):
     assert bias.addressable_shards[0].data.size * 4 == bias.size         # split over pipe and tensor
 
 
+def test_a_tensor_parallel_tick_stays_within_the_lint(family_setup):
+    """data=2 x pipe=2 x tensor=2: three host syncs per tick, no carried buffer copied in the loop."""
+    from test_executor import assert_tick_lint
+    assert_tick_lint(family_setup, family_setup.plans(SCHEDULERS["dip"]))
+
+
 def test_row_parallel_bias_added_before_the_sum_breaks_equivalence(family_setup, monkeypatch):
     """Negative control: each device of a group adds the output projection's bias to its
     partial sum (so the sum counts it tensor-size times)."""

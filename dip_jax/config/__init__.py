@@ -10,12 +10,12 @@ command-line overrides, `zoo.py` the paper's models as config values.
 from dip_jax.config.checks import ConfigError, deferred_checks
 from dip_jax.config.model import (MODULES, AudioConfig, BlockConfig, DiTConfig, LLMConfig, ModelConfig,
                                   VisionConfig, attention_params, projector_params, swiglu_params)
-from dip_jax.config.run import (BASELINES, HARDWARE_PROFILES, MEMORY_STRATEGIES, ON_NONFINITE, OVERSIZE,
+from dip_jax.config.run import (BASELINES, HARDWARE_PROFILES, MEMORY_STRATEGIES, ON_NONFINITE, REMATS, OVERSIZE,
                                 SCHEDULERS, SCHEDULES, CheckpointConfig, DataConfig, DistributedConfig, MeshConfig, OptimConfig,
                                 PipelineConfig, TrainSection)
 from dip_jax.config.train_config import TrainConfig, with_overrides
 
-__all__ = ["MODULES", "BASELINES", "HARDWARE_PROFILES", "MEMORY_STRATEGIES", "ON_NONFINITE", "OVERSIZE",
+__all__ = ["MODULES", "BASELINES", "HARDWARE_PROFILES", "MEMORY_STRATEGIES", "ON_NONFINITE", "REMATS", "OVERSIZE",
            "SCHEDULERS", "SCHEDULES", "ConfigError", "deferred_checks", "AudioConfig", "BlockConfig",
            "DiTConfig", "LLMConfig", "ModelConfig", "VisionConfig", "attention_params", "projector_params",
            "swiglu_params", "CheckpointConfig", "DataConfig", "DistributedConfig", "MeshConfig", "OptimConfig", "PipelineConfig",

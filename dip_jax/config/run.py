@@ -10,6 +10,7 @@ BASELINES = ("gpipe", "1f1b", "interleaved_1f1b", "encoders_first")   # static s
 SCHEDULERS = ("dip", *BASELINES)                     # what the executor runs
 SCHEDULES = (*SCHEDULERS, "none")                    # pipeline.schedule: a scheduler or the unpipelined step
 MEMORY_STRATEGIES = ("auto", "recompute", "store")   # pipeline.memory_strategy (dip_jax.plan.memory)
+REMATS = ("auto", "chunk", "layers")                  # pipeline.remat (dip_jax.runtime.executor)
 # the cost profiles the planner ships (dip_jax/plan/profiles/NAME.json; a test keeps the two equal)
 HARDWARE_PROFILES = ("cpu", "h100", "h800", "tpu_v5e")
 OVERSIZE = ("truncate", "skip", "error")
@@ -38,6 +39,11 @@ class PipelineConfig:
     hardware: str = "cpu"              # cost profile: a shipped name, a .json file, or "auto" (calibrate at start)
     memory_cap_gb: float = 80.0
     memory_strategy: str = "recompute"  # per op: auto (store what the cap allows) | recompute | store
+    # what a recomputing backward keeps while it runs: chunk = every layer's residuals of the
+    # chunk's recomputed forward; layers = only each layer's input, each layer's forward run once
+    # more in the backward (one more forward per backward op, a layer's residuals at a time);
+    # auto = layers for the modules whose chunk residuals pass 1 GiB per device, chunk otherwise
+    remat: str = "auto"
     search_rollouts: int = 8           # DIP search budget per batch (deterministic)
     step_cache_size: int = 8           # compiled pipeline programs kept (LRU)
     compile_cache_dir: str = ""        # persistent XLA compilation cache shared across runs ("" = off)
@@ -62,6 +68,8 @@ class PipelineConfig:
         require(self.memory_cap_gb > 0, "pipeline.memory_cap_gb", "must be > 0")
         require(self.xla_flags in ("auto", "none") or all(f.startswith("--") for f in self.xla_flags.split()),
                 "pipeline.xla_flags", f"auto, none, or flags like --xla_name=value, got {self.xla_flags!r}")
+        require(self.remat in REMATS, "pipeline.remat",
+                f"unknown remat {self.remat!r}; choose one of {', '.join(REMATS)}")
         require(self.memory_strategy in MEMORY_STRATEGIES, "pipeline.memory_strategy",
                 f"unknown memory strategy {self.memory_strategy!r}; choose one of {', '.join(MEMORY_STRATEGIES)}")
         require(self.hardware == "auto" or self.hardware.endswith(".json") or self.hardware in HARDWARE_PROFILES,

@@ -85,9 +85,10 @@ def join_residuals(kept, layout, params):
 
 
 class FlatGrads:
-    """A rank's gradients in one flat buffer: per module its stacks, chunk-major ([K, c_m]), then
-    its edges, then a trash window. A backward's gradient is written as one window of the widest
-    chunk and one of the widest edge set, zero-padded: the padding adds zeros to whatever follows."""
+    """A rank's gradients (and its loss) in one flat buffer: per module its stacks, chunk-major
+    ([K, c_m]), then per module its edges, then the loss. A backward's gradient is added as one
+    window as wide as the widest chunk and one as wide as the widest edge set, zero-padded: the
+    padding adds zeros to whatever follows, and an op-less tick adds a window of zeros at 0."""
 
     def __init__(self, stacks: dict, edges: dict):
         self.stacks, self.edges = stacks, edges
@@ -100,12 +101,14 @@ class FlatGrads:
         self.w_stack = max(self.chunk.values(), default=0)
         self.w_edge = max(self.edge.values(), default=0)
         self.stack_at, self.edge_at, at = {}, {}, 0
-        for m in stacks:
+        for m in sorted(stacks, key=self.chunk.get):        # the widest last: its window ends at its end
             self.stack_at[m], at = at, at + self.n_chunks[m] * self.chunk[m]
-        for m in edges:
+        self.edges_from = at
+        for m in sorted(edges, key=self.edge.get):
             self.edge_at[m], at = at, at + self.edge[m]
-        self.trash = at
-        self.size = at + max(self.w_stack, self.w_edge, 1)
+        self.loss_at = at
+        self.size = max([at + 1] + [self.stack_at[m] + (self.n_chunks[m] - 1) * self.chunk[m] + self.w_stack
+                                    for m in stacks] + [self.edge_at[m] + self.w_edge for m in edges])
 
     def zeros(self):
         return jnp.zeros((self.size,), self.dtype)
@@ -122,12 +125,16 @@ class FlatGrads:
             return G
         return lax.dynamic_update_slice(G, lax.dynamic_slice(G, (at,), window.shape) + window, (at,))
 
-    def unflatten(self):
-        """G -> (stack gradients, edge gradients) in the trees' shapes."""
-        def split(G, tree, at, lead):
+    def parts(self, G):
+        """(the stacks' part, the edges' and loss's part): reduced over different axes."""
+        return G[:self.edges_from], G[self.edges_from:self.loss_at + 1]
+
+    def unflatten(self, stack_part, edge_part):
+        """-> (stack gradients, edge gradients, loss) in the trees' shapes."""
+        def split(flat, tree, at, lead):
             leaves, tdef = jax.tree.flatten(tree)
             width = sum(math.prod(a.shape[1 if lead else 0:]) for a in leaves)
-            block = lax.slice_in_dim(G, at, at + width * (lead or 1))
+            block = lax.slice_in_dim(flat, at, at + width * (lead or 1))
             block = block.reshape(lead, width) if lead else block
             out, o = [], 0
             for a in leaves:
@@ -136,23 +143,34 @@ class FlatGrads:
                 out.append(piece.reshape(a.shape).astype(a.dtype))
                 o += n
             return jax.tree.unflatten(tdef, out)
-        return lambda G: ({m: split(G, s, self.stack_at[m], self.n_chunks[m]) for m, s in self.stacks.items()},
-                          {m: split(G, e, self.edge_at[m], 0) for m, e in self.edges.items()})
+        e0 = self.edges_from
+        return ({m: split(stack_part, s, self.stack_at[m], self.n_chunks[m]) for m, s in self.stacks.items()},
+                {m: split(edge_part, e, self.edge_at[m] - e0, 0) for m, e in self.edges.items()},
+                edge_part[self.loss_at - e0].astype(jnp.float32))
 
 
-def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_reductions: bool = False):
+REMAT_AUTO_BYTES = 1 << 30      # pipeline.remat=auto: per layer above this many residual bytes per chunk
+
+
+def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_reductions: bool = False,
+               remat: str = "auto"):
     """spec: runtime.pipeline.ExecSpec (module graphdefs, runtime specs, shapes). Returns the (unjitted) step
 
-    step(params, masks, batch, ops, recv, n_ticks) -> (loss, grads)
+    step(params, masks, batch, ops, recv, n_ticks) -> (loss, flat gradients)
+    step.unflatten(params, flat gradients) -> grads
 
     `params`: per module, the stage-layout parameters (block stacks [P, K, Lc, ...] split over
     the stages, other parameters replicated); `grads` has their layout, for the modules with
-    backward ops, reduced over the data replicas. `packed=False` sends one collective per
+    backward ops, reduced over the data replicas (the flat gradients: one buffer per device,
+    so that a program returning them holds no second copy). `packed=False` sends one collective per
     channel and gradient leaf (what a tick and a step cost before packing; kept to measure it and
     for the HLO lint's negative control). The program is manual over every mesh axis; with a
     'tensor' axis each device runs its chunks on its own share of the blocks' heads and hidden
     units, and runtime/tensor.py adds the group's all-reduces (`drop_tensor_reductions` leaves
-    them out: the tensor tests' negative control).
+    them out: the tensor tests' negative control). `remat` (chunk | layers | auto): whether a
+    recomputing backward keeps its chunk's residuals or each layer's input only (and runs each
+    layer's forward once more); auto picks per module by the residuals' size
+    (`step.remat` says what was picked, once traced).
     """
     Pn = sig.P
     mods = sig.modules
@@ -191,14 +209,17 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
     def module_of(m, layer_p, edge):
         return nnx.merge(spec.graphdef[m], nnx.State({"blocks": layer_p}), edge)
 
-    def blocks(m, layer_p, layer_mask, module, carry, ctx):
+    def blocks(m, layer_p, layer_mask, module, carry, ctx, policy=None):
         block_def = spec.block_def[m]
         merge = (lambda p: split_block(nnx.merge(block_def, p), TENSOR, drop_tensor_reductions)) if tensor_split \
             else (lambda p: nnx.merge(block_def, p))
+        layer = lambda p, c: module.step(merge(p), c, ctx)
+        if policy is not None:
+            layer = jax.checkpoint(layer, policy=policy)
 
         def body(c, lp):
             p, keep = lp
-            return _where(keep, module.step(merge(p), c, ctx), c), None
+            return _where(keep, layer(p, c), c), None
         return lax.scan(body, carry, (layer_p, layer_mask))[0]
 
     def inputs_of(m, ext, batch, mb, sub):
@@ -222,12 +243,12 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
         model_in, target = r.inputs(b, ext)
         return model_in if inputs else (b, target)
 
-    def body(m, lp, mask, edge, x_stash, ext, first, batch, mb, sub):
+    def body(m, lp, mask, edge, x_stash, ext, first, batch, mb, sub, policy=None):
         """A chunk's blocks: (embed if first) -> masked layers."""
         module = module_of(m, lp, edge)
         emb, ctx = inputs_of(m, ext, batch, mb, sub)
         x = _where(first, module.embed(emb), x_stash)
-        return blocks(m, lp, mask, module, x, None if ctx is None else module.context(ctx))
+        return blocks(m, lp, mask, module, x, None if ctx is None else module.context(ctx), policy)
 
     def head(m, lp, edge, y, ext, batch, mb, sub):
         """A last chunk's head: (boundary out, loss)."""
@@ -252,17 +273,18 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
         """The backbone positions the generator's sub-microbatch conditions on."""
         return _sub(row(batch[rt[gen].cond_key], mb), sub, unit[gen])
 
-    def external(m, bnd_rows, bufs, aux, batch, mb, sub):
-        """Differentiable inputs a first chunk reads from boundary buffers (`bnd_rows`: the
-        encoder outputs of the microbatch at `aux`)."""
+    def external(m, rows, batch, mb, sub):
+        """Differentiable inputs a first chunk reads from boundary buffers (`rows`: their rows
+        at the op's boundary address)."""
         if m == bb:
-            return dict(bnd_rows)
+            return dict(rows["bnd"])
         if m == gen:
-            return row(bufs["cond"], aux)[cond_index(batch, mb, sub)]
+            return rows["cond"][cond_index(batch, mb, sub)]
         return None
 
     def body_vjp(m, lp, edge, x, ext, mask, first, batch, mb, sub, store=False):
-        f = lambda lp, e, x, ex: body(m, lp, mask, e, x, ex, first, batch, mb, sub)
+        policy = None if store or step.remat.get(m) != "layers" else jax.checkpoint_policies.nothing_saveable
+        f = lambda lp, e, x, ex: body(m, lp, mask, e, x, ex, first, batch, mb, sub, policy)
         if store:       # keep the matmuls' outputs, recompute the elementwise rest in the backward
             f = jax.checkpoint(f, policy=jax.checkpoint_policies.dots_saveable)
         return jax.vjp(f, lp, edge, x, ext)
@@ -280,6 +302,15 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
         flag, i = jnp.zeros((), bool), jnp.zeros((), jnp.int32)
         shapes = jax.eval_shape(probe, lp, edge, x, ext, mask, flag, batch, i, i)
         return shapes, layout["l"]
+
+    def chunk_residual_bytes(m, lp, edge, x, ext, mask, batch):
+        """Bytes a recomputing backward of one chunk of `m` keeps (its vjp's leaves less the
+        parameters), per device."""
+        def probe(lp, edge, x, ext, mask, first, batch, mb, sub):
+            f = lambda lp, e, x, ex: body(m, lp, mask, e, x, ex, first, batch, mb, sub)
+            return split_residuals(jax.vjp(f, lp, edge, x, ext)[1], (lp, edge))[0]
+        flag, i = jnp.zeros((), bool), jnp.zeros((), jnp.int32)
+        return sum(k.size * k.dtype.itemsize for k in jax.eval_shape(probe, lp, edge, x, ext, mask, flag, batch, i, i))
 
     def per_rank(params, masks, batch, ops, recv, n_ticks):
         stacks = {m: jax.tree.map(lambda a: a[0], params[m]["blocks"]) for m in mods}
@@ -300,20 +331,27 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
                 bufs[k] = jnp.zeros((nc + 1, S_, D), spec.dtype)
         flat = FlatGrads({m: stacks[m] for m in mods if bwd[m]}, {m: edges[m] for m in mods if bwd[m]})
         grads = flat.zeros()
+        for m in mods:
+            if bwd[m]:
+                step.remat[m] = remat if remat != "auto" else (
+                    "layers" if chunk_residual_bytes(m, take(stacks[m], 0), edges[m], act[m],
+                                                     external(m, take({"bnd": bufs["bnd"], "cond": bufs.get("cond")}, 0),
+                                                              batch, 0, 0),
+                                                     row(masks[m], 0), batch) > REMAT_AUTO_BYTES else "chunk")
         layout, res_zero = {}, {}
         bufs["res"] = {}
         for m in mods:
             if nres[m]:
-                ext = external(m, take(bufs["bnd"], 0), bufs, 0, batch, 0, 0)
+                ext = external(m, take({"bnd": bufs["bnd"], "cond": bufs.get("cond")}, 0), batch, 0, 0)
                 kept, layout[m] = residual_layout(m, take(stacks[m], 0), edges[m], act[m], ext, row(masks[m], 0), batch)
                 step.residual_bytes[m] = sum(k.size * k.dtype.itemsize for k in kept)
                 bufs["res"][m] = [jnp.zeros((nres[m] + 1, *k.shape), k.dtype) for k in kept]
                 res_zero[m] = [jnp.zeros(k.shape, k.dtype) for k in kept]
         f_table, b_table = branch_table(fwd_branches), branch_table(bwd_branches)
         chunks_of = jnp.asarray([n_chunks[m] for m in mods], jnp.int32)
-        stack_at = jnp.asarray([flat.stack_at.get(m, flat.trash) for m in mods], jnp.int32)
+        stack_at = jnp.asarray([flat.stack_at.get(m, 0) for m in mods], jnp.int32)
         chunk_w = jnp.asarray([flat.chunk.get(m, 0) for m in mods], jnp.int32)
-        edge_at = jnp.asarray([flat.edge_at.get(m, flat.trash) for m in mods], jnp.int32)
+        edge_at = jnp.asarray([flat.edge_at.get(m, 0) for m in mods], jnp.int32)
 
         def where_on(c, m_col, v_col):
             mod, pos = c[m_col], c[v_col] * Pn + me
@@ -328,9 +366,9 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
             f_in, b_in = {}, {}
             for m in mods:
                 f_in[m], b_in[m] = take2(bufs["stash"][m], op[T.F_IN], op[T.B_IN])
-            bnd_f, bnd_b = take2(bufs["bnd"], f_aux, b_aux)
-            f_ext = {m: external(m, bnd_f, bufs, f_aux, batch, f_mb, f_sub) for m in mods}
-            b_ext = {m: external(m, bnd_b, bufs, b_aux, batch, b_mb, b_sub) for m in mods if bwd[m]}
+            bnd_f, bnd_b = take2({"bnd": bufs["bnd"], "cond": bufs.get("cond")}, f_aux, b_aux)
+            f_ext = {m: external(m, bnd_f, batch, f_mb, f_sub) for m in mods}
+            b_ext = {m: external(m, bnd_b, batch, b_mb, b_sub) for m in mods if bwd[m]}
             ct_in = {m: take(bufs["cot"][m], op[T.B_COT]) for m in mods if bwd[m]}
             res_in = {m: take(bufs["res"][m], op[T.B_RES]) for m in bufs["res"]}
             hrow = row(bufs["hacc"], b_aux) if gen is not None and bwd[gen] else None
@@ -406,8 +444,8 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
                 return run
             gx, pay, g_stack, g_edge = lax.switch(b_idx, [lambda: b_zero] + [bwd_op(*k) for k in bwd_branches])
             b_on = op[T.B_ON] == 1
-            grads = flat.add(grads, jnp.where(b_on, row(stack_at, b_mod) + b_v * row(chunk_w, b_mod), flat.trash), g_stack)
-            grads = flat.add(grads, jnp.where(b_on, row(edge_at, b_mod), flat.trash), g_edge)
+            grads = flat.add(grads, jnp.where(b_on, row(stack_at, b_mod) + b_v * row(chunk_w, b_mod), 0), g_stack)
+            grads = flat.add(grads, jnp.where(b_on, row(edge_at, b_mod), 0), g_edge)
 
             # writes, then communication: one packed collective per direction carries every channel.
             # The barrier orders every read of this tick before every write: without it the reads
@@ -448,25 +486,61 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
             return new, grads, loss
 
         bufs, grads, loss = lax.fori_loop(0, n_ticks, tick, (bufs, grads, jnp.zeros((), jnp.float32)))
-        g_stacks, g_edges = flat.unflatten()(grads)
-        # two packed reductions: stage stacks over the replicas, everything replicated over all
-        g_stacks = reduce(g_stacks, REPLICA)
-        loss, g_edges = reduce((loss, g_edges), (STAGE, REPLICA))
+        grads = grads.at[flat.loss_at].set(loss.astype(flat.dtype))
+        # the flat buffer is the step's output (no second copy of the gradients): reduced in
+        # place over the replicas, its replicated parameters' part and the loss over the stages
+        # too (a mesh axis of size 1: nothing)
+        if packed:
+            if mesh.shape[REPLICA] > 1:
+                grads = lax.psum(grads, REPLICA)
+            if Pn > 1:
+                edge_part = lax.psum(grads[flat.edges_from:flat.loss_at + 1], STAGE)
+                grads = lax.dynamic_update_slice(grads, edge_part, (flat.edges_from,))
+        else:                   # one reduction per leaf (the packing tests' negative control)
+            g_stacks, g_edges, loss = flat.unflatten(*flat.parts(grads))
+            g_stacks = reduce(g_stacks, REPLICA)
+            loss, g_edges = reduce((loss, g_edges), (STAGE, REPLICA))
+            grads = flat.zeros()
+            for m in g_stacks:
+                for v in range(flat.n_chunks[m]):
+                    grads = flat.add(grads, flat.stack_at[m] + v * flat.chunk[m], flat.flat(take(g_stacks[m], v), flat.chunk[m]))
+                grads = flat.add(grads, flat.edge_at[m], flat.flat(g_edges[m], flat.edge[m]))
+            grads = grads.at[flat.loss_at].set(loss.astype(flat.dtype))
+        return grads[flat.loss_at].astype(jnp.float32), grads[None]
+
+    def local_flat(params):
+        stacks = {m: jax.tree.map(lambda a: a[0], params[m]["blocks"]) for m in mods if bwd[m]}
+        edges = {m: nnx.State({k: v for k, v in params[m].items() if k != "blocks"}) for m in mods if bwd[m]}
+        return FlatGrads(stacks, edges)
+
+    def unflatten_rank(params, grads):
+        flat = local_flat(params)
+        g_stacks, g_edges, _ = flat.unflatten(*flat.parts(grads[0]))
         out = {}
         for m in g_stacks:
             g = {"blocks": jax.tree.map(lambda g: g[None], g_stacks[m]), **g_edges[m]}
             out[m] = like(params[m], nnx.State(g))
-        return loss, out
+        return out
 
     def param_specs(tree):
         return S.state_specs(mesh, tree, mods, True)
 
+    flat_spec = jax.sharding.PartitionSpec(tuple(a for a in (STAGE, TENSOR) if a in mesh.shape))
+
     def step(params, masks, batch, ops, recv, n_ticks):
-        grads_like = {m: params[m] for m in mods if bwd[m]}
         fn = jax.shard_map(per_rank, mesh=mesh, check_vma=False,
                            in_specs=(param_specs(params), S.spec("stage"), S.spec(*S.REPLICA_BATCH),
                                      S.spec(*S.TABLE), S.spec(*S.TABLE), S.spec(*S.SCALAR)),
-                           out_specs=(S.spec(*S.SCALAR), param_specs(grads_like)))
+                           out_specs=(S.spec(*S.SCALAR), flat_spec))
         return fn(params, masks, batch, ops, recv, n_ticks)
+
+    def unflatten(params, grads):
+        """The step's flat gradients -> per module with backward ops, in the parameters' layout."""
+        grads_like = {m: params[m] for m in mods if bwd[m]}
+        fn = jax.shard_map(unflatten_rank, mesh=mesh, check_vma=False, in_specs=(param_specs(params), flat_spec),
+                           out_specs=param_specs(grads_like))
+        return fn(params, grads)
+    step.unflatten = unflatten
+    step.remat = {}                  # per module with backward ops: chunk | layers (set when traced)
     step.residual_bytes = {}         # per module with residual slots: bytes of one slot per device (set when traced)
     return step

@@ -50,12 +50,16 @@ class PipelineExecutor:
     def __init__(self, model: LMM, partition: ModalityPartition, mesh, max_items: dict[str, int],
                  seq_len: int, cache_size: int = 8, persistent_cache_dir: str | None = None,
                  tx: optax.GradientTransformation | None = None, packed_channels: bool = True,
-                 shard_state_over_data: bool = False, drop_tensor_reductions: bool = False):
+                 shard_state_over_data: bool = False, drop_tensor_reductions: bool = False,
+                 remat: str = "auto"):
         """`model`: the LMM, concrete or abstract (`nnx.eval_shape`): only its structure is
         read. `tx`: the optimizer `train_step` applies. `packed_channels=False`: one collective
         per channel and tick instead of one per direction (for measurements).
         `shard_state_over_data`: the optimizer moments are split over 'data' too (ZeRO-1).
-        `drop_tensor_reductions`: leave out the tensor group's all-reduces (a negative control)."""
+        `drop_tensor_reductions`: leave out the tensor group's all-reduces (a negative control).
+        `remat`: what a recomputing backward keeps (`pipeline.remat`: auto | chunk | layers)."""
+        self.remat = remat
+        self._unflatten: dict = {}
         self.partition, self.mesh, self.tx = partition, mesh, tx
         self.zero, self.drop_tensor_reductions = shard_state_over_data, drop_tensor_reductions
         self.packed_channels = packed_channels
@@ -175,7 +179,7 @@ class PipelineExecutor:
         ops, recv = np.stack([t.ops for t in tabs]), np.stack([t.recv for t in tabs])
         ticks = max(t.n_ticks for t in tabs)
         sig = dataclasses.replace(tabs[0].signature, res_slots=tuple(int(b) for b in tabs[0].signature.backward))
-        core = build_step(self.spec, sig, self.mesh, self.packed_channels, self.drop_tensor_reductions)
+        core = build_step(self.spec, sig, self.mesh, self.packed_channels, self.drop_tensor_reductions, self.remat)
         shapes = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), tree)
         inputs = (self.replica_batch(arrays), ops, recv, np.int32(ticks))
         jax.eval_shape(core, shapes(state["params"]), self.masks, *inputs)
@@ -212,7 +216,10 @@ class PipelineExecutor:
         """Execute lowered tables as given (tests corrupt them on purpose); model layout in and out."""
         staged = self.to_stage(params)
         args = (staged, self.masks, *self.device_inputs(arrays, ops, recv, n_ticks))
-        loss, grads = self.cache.get(("grads", sig), *args)(*args)
+        loss, flat = self.cache.get(("grads", sig), *args)(*args)
+        if sig not in self._unflatten:      # a reshaping, not a step program: kept out of the step cache
+            self._unflatten[sig] = jax.jit(build_step(self.spec, sig, self.mesh).unflatten)
+        grads = self._unflatten[sig](staged, flat)
         return loss, self.to_model(with_frozen(staged, grads))
 
     # -- training -------------------------------------------------------------------------
@@ -239,7 +246,8 @@ class PipelineExecutor:
 
     def _build(self, key):
         kind, sig = key
-        core = build_step(self.spec, sig, self.mesh, self.packed_channels, self.drop_tensor_reductions)
+        core = build_step(self.spec, sig, self.mesh, self.packed_channels, self.drop_tensor_reductions, self.remat)
+        self.remat_chosen = core.remat        # filled in when the program is traced
         if kind == "grads":
             return jax.jit(core)
         if self.tx is None:
@@ -248,8 +256,8 @@ class PipelineExecutor:
 
         def train(state, masks, batch, ops, recv, n_ticks):
             params = state["params"]
-            loss, grads = core(params, masks, batch, ops, recv, n_ticks)
-            grads = with_frozen(params, grads)
+            loss, flat = core(params, masks, batch, ops, recv, n_ticks)
+            grads = with_frozen(params, core.unflatten(params, flat))
             updates, opt_state, skipped = guarded_update(tx, grads, state["opt_state"], params)
             new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                    "step": state["step"] + 1, "rng": state["rng"]}

@@ -21,12 +21,13 @@ class PipelinedStep:
         self.cfg, self.ctx = cfg, ctx
         d = cfg.data
         zero = cfg.optim.shard_state_over_data
-        reuse = executor is not None and executor.partition == ctx.partition and executor.zero == zero
+        reuse = (executor is not None and executor.partition == ctx.partition and executor.zero == zero
+                 and executor.remat == cfg.pipeline.remat)
         self.executor = executor if reuse else PipelineExecutor(model, ctx.partition, mesh,
                                          specs.max_items(cfg.model, d),
                                          d.seq_len, cfg.pipeline.step_cache_size,
                                          cfg.pipeline.compile_cache_dir or None, tx=tx,
-                                         shard_state_over_data=zero)
+                                         shard_state_over_data=zero, remat=cfg.pipeline.remat)
         self.layouts = dict(self.executor.layouts)
         self._eval_plans: dict[int, tuple] = {}     # eval batch index -> (order, plans): fixed batches
 
