@@ -90,3 +90,32 @@ def train_iterator(cfg: TrainConfig, cache_dir=None, share: Share | None = None)
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.workers, per_worker_buffer_size=d.prefetch))
     return iter(ds)
+
+
+class TrainData:
+    """The training iterator, whose checkpointed state also carries the run's data counts
+    (decode failures by reason, records decoded per process), so that a resumed run's summary
+    counts what the steps before the resume met. `counts`: those of the state restored last."""
+
+    def __init__(self, iterator):
+        self.iterator, self.counts = iterator, {}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        return next(self.iterator)
+
+    def get_state(self) -> dict:
+        return self.iterator.get_state()
+
+    @staticmethod
+    def with_counts(state: dict, counts: dict) -> dict:
+        """The state to checkpoint: the iterator's `get_state()` and the counts through its batch."""
+        return {"grain": state, "counts": counts}
+
+    def set_state(self, state: dict) -> None:
+        if "grain" in state and "counts" in state:
+            self.counts = dict(state["counts"])
+            state = state["grain"]
+        self.iterator.set_state(state)      # a checkpoint written before counts were carried: none

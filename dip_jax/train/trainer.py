@@ -20,10 +20,10 @@ from flax import nnx
 from dip_jax.config import ConfigError, TrainConfig
 from dip_jax.data.oversize import OversizeCounts
 from dip_jax.data.packing import Budget, padding_fraction
-from dip_jax.data.pipeline import PackedBatches, Share, batch_dataset, replica_rows, train_iterator
+from dip_jax.data.pipeline import PackedBatches, Share, TrainData, batch_dataset, replica_rows, train_iterator
 from dip_jax.data.stream import file_stream
 from dip_jax.runtime import distributed
-from dip_jax.runtime.distributed import broadcast_json, gather_ints
+from dip_jax.runtime.distributed import broadcast_json, gather_int_rows, gather_ints
 from dip_jax.runtime.mesh import mesh_for, mesh_shape
 from dip_jax.train import pretrained
 from dip_jax.train.checkpoint import Checkpointer
@@ -239,6 +239,7 @@ class DecodeShare:
     """The files task in a multi-process run: each process decodes only the records of the
     microbatches its data replicas train (the input pipeline predicts them with the planner's
     own replica order), and the numbers a whole batch defines are summed over the processes."""
+    from dip_jax.data.files.source import DECODE_REASONS as REASONS
 
     def __init__(self, cfg: TrainConfig, mesh, order, index_dir):
         self.cfg, self.data = cfg, cfg.mesh.data
@@ -248,8 +249,10 @@ class DecodeShare:
         self.rebuilt = 0
 
     def complete(self, step: int, batch, plan: BatchPlan):
-        """The batch with every microbatch the plan gives this process decoded, and its loss
-        normaliser (`n_tokens`, of the whole batch) summed over the processes."""
+        """(the batch with every microbatch the plan gives this process decoded and its loss
+        normaliser `n_tokens` of the whole batch, the whole batch's decode failures by reason,
+        the records each process decoded for it): one collective."""
+        decoded = len(batch.decoded)
         needed = replica_rows(plan.order, self.local, self.data)
         if not set(needed) <= set(batch.rows):
             # a plan whose replica order is not the predicted one (never expected: both come from
@@ -261,10 +264,13 @@ class DecodeShare:
             t0 = time.perf_counter()
             batch = dataclasses.replace(self.rebuild.build(batch.index, needed),
                                         wait_seconds=batch.wait_seconds + time.perf_counter() - t0)
+            decoded += len(batch.decoded)
         owned = list(replica_rows(plan.order, self.owned, self.data))
-        tokens = sum(gather_ints(int(batch.arrays["loss_mask"][owned].sum()) if owned else 0))
-        batch.arrays["n_tokens"] = np.float32(max(1.0, tokens))
-        return batch, set(owned)
+        failed = [sum(1 for row, why in batch.failed if why == r and row in owned) for r in self.REASONS]
+        rows = gather_int_rows([int(batch.arrays["loss_mask"][owned].sum()) if owned else 0, *failed, decoded])
+        batch.arrays["n_tokens"] = np.float32(max(1.0, sum(r[0] for r in rows)))
+        failures = {why: n for k, why in enumerate(self.REASONS) if (n := sum(r[1 + k] for r in rows))}
+        return batch, failures, [r[-1] for r in rows]
 
 
 def _decode_share(cfg: TrainConfig, mesh, ctx, index_dir) -> DecodeShare | None:
@@ -316,7 +322,7 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
         step_fn = lambda state, batch, plan: reference(state, put_batch(batch.arrays, mesh))
     state = create_state(cfg, tx, mesh, layouts)
     share = _decode_share(cfg, mesh, ctx, index_dir)
-    data = train_iterator(cfg, index_dir, share.share if share is not None else None)
+    data = TrainData(train_iterator(cfg, index_dir, share.share if share is not None else None))
     ckpt = (CheckpointGuard(Checkpointer(workdir / "checkpoints", cfg.checkpoint, layouts, mesh), lead)
             if cfg.checkpoint.enabled else None)
     start = 0
@@ -347,17 +353,26 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
 
     t_start, final_eval = time.perf_counter(), {}
     budget, paddings = Budget.from_config(cfg), []
-    decode_failed: dict[str, int] = {}         # this process's decode failures (its own replicas' under a share)
-    records_decoded = 0
+    # the whole run's decode failures by reason and records decoded per process, resumed runs included
+    decode_failed: dict[str, int] = dict(data.counts.get("records_skipped", {}))
+    decoded_per_process = list(data.counts.get("records_decoded_per_process", [0] * jax.process_count()))
+    counts = lambda: {"records_skipped": dict(decode_failed), "records_decoded_per_process": list(decoded_per_process)}
     step = start
     try:
         for step, batch, data_state, plan in BatchFeed(cfg, data, start, planner, pipelined):
             if peers is not None:
                 peers.step = step
-            counted = None
             if share is not None:
-                batch, counted = share.complete(step, batch, plan)
-            records_decoded += len(batch.decoded)
+                batch, failures, decoded = share.complete(step, batch, plan)
+            else:                      # every process decoded the whole batch
+                failures = {}
+                for _, reason in batch.failed:
+                    failures[reason] = failures.get(reason, 0) + 1
+                decoded = [len(batch.decoded)] * jax.process_count()
+            for reason, n in failures.items():
+                decode_failed[reason] = decode_failed.get(reason, 0) + n
+            decoded_per_process = [a + b for a, b in zip(decoded_per_process, decoded)]
+            data_state = TrainData.with_counts(data_state, counts())
             if cfg.data.log_records:
                 _log_records(workdir, step, batch)
             compiles_before = step_fn.cache_fields["compiles"] if plan is not None else 0
@@ -365,9 +380,6 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
             state, metrics = step_fn(state, batch, plan)
             stats.add_plan(plan)
             stats.add_oversize(batch.oversize)
-            for row, reason in batch.failed:
-                if counted is None or row in counted:
-                    decode_failed[reason] = decode_failed.get(reason, 0) + 1
             padding = padding_fraction(batch.metadata, budget)
             paddings.append(padding)
             finite = guard.observe(step, {k: float(metrics[k]) for k in ("loss", "grad_norm", "update_skipped")})   # waits
@@ -419,14 +431,9 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
     wall = time.perf_counter() - t_start
     decoded = {}
     if cfg.data.task == "files":
-        from dip_jax.data.files.source import DECODE_REASONS
-        if share is not None:       # each process saw its own replicas' failures only
-            decode_failed = {r: sum(gather_ints(decode_failed.get(r, 0))) for r in DECODE_REASONS}
         for reason, n in decode_failed.items():
-            if n:
-                records_skipped[reason] = records_skipped.get(reason, 0) + n
-        per_process = gather_ints(records_decoded)
-        decoded = {"records_decoded": sum(per_process), "records_decoded_per_process": per_process}
+            records_skipped[reason] = records_skipped.get(reason, 0) + n
+        decoded = {"records_decoded": sum(decoded_per_process), "records_decoded_per_process": decoded_per_process}
     summary = {"steps": cfg.train.steps, "resumed_from": start, "schedule": cfg.pipeline.schedule,
                **placement, "wall_seconds": wall, **stats.summary(wall),
                "padding_fraction": float(np.mean(paddings)) if paddings else None, "records_skipped": records_skipped,
