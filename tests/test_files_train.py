@@ -170,9 +170,11 @@ def test_a_file_that_fails_to_decode_stops_an_error_run_keeping_what_was_trained
     assert saved and 1 <= saved[-1] < first[victim] + 1
 
 
-def test_decode_failures_before_a_resume_are_counted_in_its_summary(tmp_path, tokenizer, xla_cache):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_decode_failures_before_a_resume_are_counted_in_its_summary(tmp_path, tokenizer, xla_cache, workers):
     """Images that fail to decode (changed after indexing) in steps before and after the resume
-    point: the resumed run's summary.json counts them as the uninterrupted run's does."""
+    point: the resumed run's summary.json counts them as the uninterrupted run's does, and its
+    losses are the same, with batches built by grain worker processes too."""
     import shutil
     from dip_jax.config.overrides import apply_overrides, load_config_file
     from dip_jax.data.files.source import FileStream
@@ -180,7 +182,7 @@ def test_decode_failures_before_a_resume_are_counted_in_its_summary(tmp_path, to
     data = colour_records(tmp_path, 120, 4)
     rows = [json.loads(line) for line in open(data)]
     args = files_args(data, tokenizer, xla_cache, "--config.train.steps=4", "--config.model.audio=none",
-                      "--config.checkpoint.every=2")
+                      "--config.checkpoint.every=2", f"--config.data.workers={workers}")
     cfg = apply_overrides(load_config_file(str(ROOT / "configs/tiny_cpu.py")),
                           [a.removeprefix("--config.") for a in args if a.startswith("--config.")])
     stream = FileStream(cfg, "train")
@@ -209,3 +211,4 @@ def test_decode_failures_before_a_resume_are_counted_in_its_summary(tmp_path, to
     assert resumed["resumed_from"] == 2
     for key in ("records_skipped", "records_decoded", "records_decoded_per_process"):
         assert resumed[key] == whole[key], key
+    assert _losses(tmp_path / "resumed/metrics.jsonl") == _losses(tmp_path / "whole/metrics.jsonl")
