@@ -355,7 +355,9 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
     budget, paddings = Budget.from_config(cfg), []
     # the whole run's decode failures by reason and records decoded per process, resumed runs included
     decode_failed: dict[str, int] = dict(data.counts.get("records_skipped", {}))
-    decoded_per_process = list(data.counts.get("records_decoded_per_process", [0] * jax.process_count()))
+    decoded_per_process = list(data.counts.get("records_decoded_per_process", []))
+    if len(decoded_per_process) != jax.process_count():       # resumed on another number of processes
+        decoded_per_process = [sum(decoded_per_process)] + [0] * (jax.process_count() - 1)
     counts = lambda: {"records_skipped": dict(decode_failed), "records_decoded_per_process": list(decoded_per_process)}
     step = start
     try:
