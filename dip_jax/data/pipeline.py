@@ -78,7 +78,7 @@ def batch_dataset(cfg: TrainConfig, split: str = "train", cache_dir=None, share:
 
 def train_iterator(cfg: TrainConfig, cache_dir=None, share: Share | None = None):
     """A checkpointable grain iterator over training batches (state: the next batch index; with
-    `data.workers`, each worker's)."""
+    `data.workers`, each worker's), as `TrainData`: it restores the trainer's checkpoints."""
     d = cfg.data
     ds = batch_dataset(cfg, "train", cache_dir, share).to_iter_dataset(
         grain.ReadOptions(num_threads=1, prefetch_buffer_size=d.prefetch))
@@ -89,7 +89,7 @@ def train_iterator(cfg: TrainConfig, cache_dir=None, share: Share | None = None)
             # absl.app never parses (google/grain#1355): their defaults are what we want
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.workers, per_worker_buffer_size=d.prefetch))
-    return iter(ds)
+    return TrainData(iter(ds))
 
 
 class TrainData:

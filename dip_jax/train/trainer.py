@@ -322,7 +322,7 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
         step_fn = lambda state, batch, plan: reference(state, put_batch(batch.arrays, mesh))
     state = create_state(cfg, tx, mesh, layouts)
     share = _decode_share(cfg, mesh, ctx, index_dir)
-    data = TrainData(train_iterator(cfg, index_dir, share.share if share is not None else None))
+    data = train_iterator(cfg, index_dir, share.share if share is not None else None)
     ckpt = (CheckpointGuard(Checkpointer(workdir / "checkpoints", cfg.checkpoint, layouts, mesh), lead)
             if cfg.checkpoint.enabled else None)
     start = 0
