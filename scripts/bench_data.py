@@ -3,6 +3,11 @@ preprocessed, packed and collated (what the step loop waits for), the index buil
 padding left by best-fit packing against the greedy packer on the same record order.
 
     python scripts/bench_data.py [--batches 40] [--jpegs 400] [--json runs/bench_data.json]
+    python scripts/bench_data.py --workers 0,1,2 [--json ...]
+
+`--workers`: instead, the trainer's own grain pipeline (`data.workers` worker processes, not
+pinned to a core) as the step loop reads it: records/s once running, and the first batch's wait
+(worker start-up included).
 
 Two datasets: the demo (8x8 digit PNGs, 1-3 per record, 8x8 grayscale encoder input) and
 224x224 RGB JPEGs (1-2 per record, a 224x224 encoder input), both LLaVA-style with the shipped
@@ -11,6 +16,7 @@ tokenizer. Generated under runs/bench_data/ on first use.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -78,13 +84,32 @@ def measure(cfg, batches: int, cache: pathlib.Path) -> dict:
             "padding_best_fit": float(np.mean(best)), "padding_greedy": float(np.mean(greedy))}
 
 
+def measure_pipeline(cfg, batches: int, cache: pathlib.Path, workers: int) -> dict:
+    from dip_jax.data.pipeline import train_iterator
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, workers=workers))
+    FileStream(cfg, "train", cache)                          # the index, built once before timing
+    t0 = time.perf_counter()
+    it = train_iterator(cfg, cache)
+    next(it)
+    first = time.perf_counter() - t0
+    records, t0 = 0, time.perf_counter()
+    for _ in range(batches):
+        records += sum(map(len, next(it).metadata))
+    dt = time.perf_counter() - t0
+    return {"workers": workers, "records_per_s": records / dt, "batches_per_s": batches / dt,
+            "first_batch_seconds": first}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", type=int, default=40)
     p.add_argument("--jpegs", type=int, default=400, help="records of the JPEG dataset")
     p.add_argument("--json", default=None)
+    p.add_argument("--workers", default=None, help="comma-separated data.workers values: measure the grain pipeline")
     args = p.parse_args()
-    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}) if hasattr(os, "sched_setaffinity") else None
+    workers = None if args.workers is None else [int(w) for w in args.workers.split(",")]
+    if workers is None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     work = ROOT / "runs/bench_data"
     demo = work / "demo"
     if not (demo / "train.jsonl").is_file():
@@ -99,6 +124,12 @@ def main() -> int:
     out = {}
     for name, cfg in (("demo (8x8 PNG)", demo_cfg), ("224x224 JPEG", jcfg)):
         cache = work / f"cache_{len(out)}"
+        if workers is not None:
+            out[name] = rows = [measure_pipeline(cfg, args.batches, cache, w) for w in workers]
+            for r in rows:
+                print(f"{name:16s} data.workers={r['workers']}: {r['records_per_s']:8.0f} records/s "
+                      f"({r['batches_per_s']:.1f} batches/s), first batch {r['first_batch_seconds']:.2f} s", flush=True)
+            continue
         for f in cache.glob("*.json") if cache.exists() else ():
             f.unlink()                                       # measure the index build, not the cache
         out[name] = r = measure(cfg, args.batches, cache)

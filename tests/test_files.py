@@ -409,3 +409,51 @@ def test_over_long_records_are_cut_to_what_the_planner_was_told(root, tmp_path):
     assert len(skip.refs) == 1 and skip.oversize_skipped == 2
     with pytest.raises(ConfigError, match=rf"^data.oversize: {d / 'r.jsonl'}:1 "):
         FileDataset(files_cfg(root, d / "r.jsonl", seq_len=48, max_images=2, oversize="error"), "train")
+
+
+def test_replica_shares_decode_disjoint_records_that_equal_the_whole_batch(root, tmp_path):
+    """Each data replica's share decodes only its microbatches, in the planner's replica order:
+    the shares are disjoint, cover the batch, and their rows are the whole batch's rows."""
+    from dip_jax.data.pipeline import PackedBatches, Share, replica_rows
+    from dip_jax.plan.schedulers import PlanContext
+    data = write_dataset(tmp_path / "d", train_records=60, eval_records=1)
+    cfg = files_cfg(root, data / "train.jsonl")
+    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=2, pipe=1))
+    order = PlanContext(cfg).replica_order
+    whole = PackedBatches(cfg, cache_dir=tmp_path / "c")
+    for index in range(3):
+        full = whole(index)
+        assert full.rows is None and len(full.decoded) == sum(map(len, full.metadata))
+        got = [PackedBatches(cfg, cache_dir=tmp_path / "c", share=Share(order, (r,)))(index) for r in range(2)]
+        assert not set(got[0].decoded) & set(got[1].decoded)
+        assert sorted(got[0].decoded + got[1].decoded) == sorted(full.decoded)
+        step_order = order(full.metadata)
+        for r, b in enumerate(got):
+            assert b.rows == replica_rows(step_order, (r,), 2) and len(b.rows) == cfg.data.microbatches // 2
+            others = [i for i in range(cfg.data.microbatches) if i not in b.rows]
+            for k, v in full.arrays.items():
+                if np.ndim(v):
+                    np.testing.assert_array_equal(b.arrays[k][list(b.rows)], v[list(b.rows)], err_msg=k)
+                    assert not b.arrays[k][others].any() or k in ("image_pos", "audio_pos"), k
+        assert sum(b.arrays["loss_mask"].sum() for b in got) == full.arrays["n_tokens"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_iterator_with_worker_processes_resumes_exactly(root, tmp_path, workers):
+    from dip_jax.data.pipeline import train_iterator
+    data = write_dataset(tmp_path / "d", train_records=40, eval_records=1)
+    cfg = files_cfg(root, data / "train.jsonl", workers=workers)
+    it = train_iterator(cfg, tmp_path / "c")
+    ref = [next(it) for _ in range(6)]
+    it = train_iterator(cfg, tmp_path / "c")
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    json.dumps(state)                         # checkpointed as JSON
+    resumed = train_iterator(cfg, tmp_path / "c")
+    resumed.set_state(state)
+    for want in ref[3:]:
+        got = next(resumed)
+        assert got.index == want.index and got.decoded == want.decoded
+        for k in want.arrays:
+            np.testing.assert_array_equal(got.arrays[k], want.arrays[k], err_msg=k)

@@ -168,3 +168,47 @@ def test_a_file_that_fails_to_decode_stops_an_error_run_keeping_what_was_trained
         run(full, tmp_path / "run")
     saved = sorted(int(p.name) for p in (tmp_path / "run/checkpoints").iterdir() if p.name.isdigit())
     assert saved and 1 <= saved[-1] < first[victim] + 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_decode_failures_before_a_resume_are_counted_in_its_summary(tmp_path, tokenizer, xla_cache, workers):
+    """Images that fail to decode (changed after indexing) in steps before and after the resume
+    point: the resumed run's summary.json counts them as the uninterrupted run's does, and its
+    losses are the same, with batches built by grain worker processes too."""
+    import shutil
+    from dip_jax.config.overrides import apply_overrides, load_config_file
+    from dip_jax.data.files.source import FileStream
+    from dip_jax.train.trainer import run
+    data = colour_records(tmp_path, 120, 4)
+    rows = [json.loads(line) for line in open(data)]
+    args = files_args(data, tokenizer, xla_cache, "--config.train.steps=4", "--config.model.audio=none",
+                      "--config.checkpoint.every=2", f"--config.data.workers={workers}")
+    cfg = apply_overrides(load_config_file(str(ROOT / "configs/tiny_cpu.py")),
+                          [a.removeprefix("--config.") for a in args if a.startswith("--config.")])
+    stream = FileStream(cfg, "train")
+    batches = {}
+    for b in range(4):
+        for mb in stream.layout(b)[0]:
+            for _, r in mb:
+                batches.setdefault(r, set()).add(b)
+    before = next(r for r, bs in batches.items() if bs == {0})            # trained in step 1 only
+    after = next(r for r, bs in batches.items() if bs == {3})             # in step 4 only
+    from PIL import Image
+    for r in (before, after):
+        path = tmp_path / rows[stream.dataset.refs[r].entry["line"] - 1]["image"][0]
+        Image.open(path).convert("RGB").save(path.with_suffix(".tmp.jpg"), quality=95)
+        jpeg = path.with_suffix(".tmp.jpg").read_bytes()
+        path.write_bytes(jpeg[:len(jpeg) * 3 // 4])                     # JPEG bytes, header intact: indexed
+    run(cfg, tmp_path / "whole")
+    whole = json.loads((tmp_path / "whole/summary.json").read_text())
+    assert whole["records_skipped"] == {"unreadable_image": 2}
+
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed/checkpoints/4")                   # as if killed in step 3 or 4
+    (tmp_path / "resumed/summary.json").unlink()
+    run(cfg, tmp_path / "resumed")
+    resumed = json.loads((tmp_path / "resumed/summary.json").read_text())
+    assert resumed["resumed_from"] == 2
+    for key in ("records_skipped", "records_decoded", "records_decoded_per_process"):
+        assert resumed[key] == whole[key], key
+    assert _losses(tmp_path / "resumed/metrics.jsonl") == _losses(tmp_path / "whole/metrics.jsonl")

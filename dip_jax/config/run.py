@@ -87,6 +87,9 @@ class DataConfig:
     max_video_clips: int = 4           # video clip slots per microbatch
     seed: int = 0
     prefetch: int = 2
+    workers: int = 0                   # grain worker processes building batches (0: a thread of the trainer's)
+    decode_shares: bool = True         # files task, several processes: each decodes only its replicas' records
+    log_records: bool = False          # files task: each process logs the records it decoded per step
     # synthetic mixture (weights need not sum to 1) and its shape parameters
     mix_caption: float = 0.4
     mix_interleaved: float = 0.3
@@ -121,13 +124,15 @@ class DataConfig:
             require(bool(self.path), "data.path", "the files task needs record files (JSONL or Parquet)")
         else:                          # keys only the files task reads must not be set in vain
             for name, default in (("path", ""), ("eval_path", ""), ("media_root", ""), ("tokenizer", ""),
-                                  ("bad_records", "skip"), ("image_tiles_max", 1), ("image_tile_size", 336)):
+                                  ("bad_records", "skip"), ("image_tiles_max", 1), ("image_tile_size", 336),
+                                  ("decode_shares", True), ("log_records", False)):
                 require(getattr(self, name) == default, f"data.{name}",
                         f"only data.task=files reads it (data.task is {self.task!r})")
         positive(self, "data", "image_tiles_max", "image_tile_size")
         require(self.oversize in OVERSIZE, "data.oversize",
                 f"unknown policy {self.oversize!r}; choose one of {', '.join(OVERSIZE)}")
         positive(self, "data", "seq_len", "microbatches", "prefetch", "eval_samples")
+        require(self.workers >= 0, "data.workers", "must be >= 0")
         for n in ("max_images", "max_audio_clips", "max_video_clips", "digits_max_images"):
             require(getattr(self, n) >= 0, f"data.{n}", "must be >= 0")
         for n in ("mix_caption", "mix_interleaved", "mix_audio", "mix_video"):

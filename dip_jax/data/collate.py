@@ -27,6 +27,9 @@ class Batch:
     epoch: int | None = None                       # the files task: the epoch of its newest record
     records_skipped: dict = dataclasses.field(default_factory=dict)   # decode failures by reason
     wait_seconds: float = 0.0                      # how long the step loop waited for it
+    rows: tuple[int, ...] | None = None            # the microbatches built (None: all; the others are zeros)
+    decoded: tuple = ()                            # the files task: the records decoded, as (epoch, file:line)
+    failed: tuple = ()                             # the files task: (microbatch, reason) per decode failure
 
 
 def collate(microbatches: Sequence[Sequence[Sample]], cfg: TrainConfig, seed: int,

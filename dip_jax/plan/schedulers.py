@@ -18,6 +18,7 @@ from dip_jax.plan import hardware
 from dip_jax.plan.baselines import BASELINES, schedule_baseline
 from dip_jax.plan.cost import CostModel
 from dip_jax.plan.memory import Choice, choose
+from dip_jax.plan.replicas import balance
 from dip_jax.plan.partition import (ModalityPartition, backward_modules, dip_partition, megatron_partition,
                                     static_best_partition)
 from dip_jax.plan.schedule import Plan
@@ -55,6 +56,25 @@ class PlanResult:
                 "peak_memory_bytes": [float(x) for x in self.lockstep.peak_memory],
                 "oom": self.oom, "plan_seconds": self.plan_seconds, "ticks": self.lockstep.ticks,
                 "rollouts": self.rollouts, "stored_fraction": self.stored_fraction}
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaOrder:
+    """Which data replica trains which microbatch of a batch: `balance` of their predicted
+    compute, a pure function of the batch's metadata. Plain data, so that the input pipeline
+    (its worker processes included) knows each process's share of a batch before it is planned."""
+    cfg: TrainConfig
+    modules: tuple[tuple[str, int, float], ...]     # (name, unit, seconds of one sub-microbatch)
+
+    def seconds(self, microbatches: Sequence[Sequence[SampleMeta]]) -> list[float]:
+        work = workload_from_metadata(self.cfg, microbatches)
+        return [sum(-(-work.count(mb, name) // unit) * sub for name, unit, sub in self.modules)
+                for mb in range(work.microbatches)]
+
+    def __call__(self, metadata: Sequence[Sequence[SampleMeta]]) -> tuple[int, ...]:
+        """Microbatch i of the step is the batch's microbatch order[i]; replica r trains positions
+        [r*M/D, (r+1)*M/D)."""
+        return tuple(balance(self.seconds(metadata), self.cfg.mesh.data))
 
 
 class PlanContext:
@@ -98,9 +118,11 @@ class PlanContext:
 
     def microbatch_seconds(self, microbatches: Sequence[Sequence[SampleMeta]]) -> list[float]:
         """Predicted compute of each microbatch on DIP's chunks (all ranks, forward + backward)."""
-        work = self.workload(microbatches)
-        return [sum(-(-work.count(mb, m.name) // m.unit) * self._sub_seconds[m.name] for m in self.partition.modules)
-                for mb in range(work.microbatches)]
+        return self.replica_order.seconds(microbatches)
+
+    @property
+    def replica_order(self) -> "ReplicaOrder":
+        return ReplicaOrder(self.cfg, tuple((m.name, m.unit, self._sub_seconds[m.name]) for m in self.partition.modules))
 
     def workload(self, microbatches: Sequence[Sequence[SampleMeta]]) -> Workload:
         return workload_from_metadata(self.cfg, microbatches)

@@ -70,6 +70,16 @@ def gather_ints(value: int) -> list[int]:
     return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int32(value))).reshape(-1)]
 
 
+def gather_int_rows(values) -> list[list[int]]:
+    """Every process's list of ints (all of one length), in process order: one collective."""
+    import jax
+    if jax.process_count() == 1:
+        return [[int(v) for v in values]]
+    from jax.experimental import multihost_utils
+    got = np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int32))).reshape(jax.process_count(), -1)
+    return [[int(v) for v in row] for row in got]
+
+
 def finish() -> None:
     """End a multi-process run that every process ends together: the heartbeats stop and jax's
     closing barrier lets the coordinator's process go last, so no process sees it vanish."""

@@ -35,7 +35,8 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
-        """`data_state`: the data iterator's `get_state()` right after this step's batch."""
+        """`data_state`: the data iterator's `get_state()` right after this step's batch (the
+        trainer's adds its data counts: `pipeline.TrainData.with_counts`)."""
         if not force and step % self.cfg.every:
             return False
         if self.manager.latest_step() == step:

@@ -47,7 +47,7 @@ class PipelinedStep:
         """The bytes a stored op keeps per module (`PipelineExecutor.residual_profile`), on the
         config's first batch (any plan of it: only the shapes count). `state`: shapes suffice."""
         from dip_jax.data.pipeline import PackedBatches
-        batch = PackedBatches(self.cfg)(0)
+        batch = PackedBatches(self.cfg).build(0, rows=())      # shapes only: the files task decodes nothing
         order, replicas = plan_batch(self.ctx, 0, batch.metadata, "gpipe")
         return self.executor.residual_profile(state, reorder(batch.arrays, order), [r.plan for r in replicas])
 

@@ -14,7 +14,6 @@ import time
 from typing import Sequence
 
 from dip_jax.config import TrainConfig
-from dip_jax.plan.replicas import balance
 from dip_jax.plan.memory import stored_fraction
 from dip_jax.plan.schedule import Plan
 from dip_jax.plan.schedulers import PlanContext
@@ -92,7 +91,7 @@ def plan_batch(ctx: PlanContext, step: int, metadata: Sequence, scheduler: str, 
     predicted time, then each replica's share is planned. DIP's search is seeded by the step,
     so a rollout budget makes both a pure function of (config, batch, step)."""
     D = ctx.cfg.mesh.data
-    order = tuple(balance(ctx.microbatch_seconds(metadata), D))
+    order = ctx.replica_order(metadata)
     per = len(order) // D
     out = []
     for r in range(D):

@@ -7,6 +7,7 @@ while earlier batches train.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import pathlib
@@ -19,10 +20,10 @@ from flax import nnx
 from dip_jax.config import ConfigError, TrainConfig
 from dip_jax.data.oversize import OversizeCounts
 from dip_jax.data.packing import Budget, padding_fraction
-from dip_jax.data.pipeline import batch_dataset, train_iterator
+from dip_jax.data.pipeline import PackedBatches, Share, TrainData, batch_dataset, replica_rows, train_iterator
 from dip_jax.data.stream import file_stream
 from dip_jax.runtime import distributed
-from dip_jax.runtime.distributed import broadcast_json, gather_ints
+from dip_jax.runtime.distributed import broadcast_json, gather_int_rows, gather_ints
 from dip_jax.runtime.mesh import mesh_for, mesh_shape
 from dip_jax.train import pretrained
 from dip_jax.train.checkpoint import Checkpointer
@@ -226,6 +227,66 @@ def _check_files(cfg: TrainConfig, index_dir: pathlib.Path, lead: bool) -> dict:
     return skipped
 
 
+def _replicas_of(mesh) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(the data replicas with a device of this process, the replicas this process counts for:
+    those whose lowest process is this one, so that each replica is counted once)."""
+    me = jax.process_index()
+    hosts = [sorted({d.process_index for d in mesh.devices[r].flat}) for r in range(mesh.devices.shape[0])]
+    return tuple(r for r, h in enumerate(hosts) if me in h), tuple(r for r, h in enumerate(hosts) if h[0] == me)
+
+
+class DecodeShare:
+    """The files task in a multi-process run: each process decodes only the records of the
+    microbatches its data replicas train (the input pipeline predicts them with the planner's
+    own replica order), and the numbers a whole batch defines are summed over the processes."""
+    from dip_jax.data.files.source import DECODE_REASONS as REASONS
+
+    def __init__(self, cfg: TrainConfig, mesh, order, index_dir):
+        self.cfg, self.data = cfg, cfg.mesh.data
+        self.local, self.owned = _replicas_of(mesh)
+        self.share = Share(order, self.local)
+        self.rebuild = PackedBatches(cfg, "train", cache_dir=index_dir)
+        self.rebuilt = 0
+
+    def complete(self, step: int, batch, plan: BatchPlan):
+        """(the batch with every microbatch the plan gives this process decoded and its loss
+        normaliser `n_tokens` of the whole batch, the whole batch's decode failures by reason,
+        the records each process decoded for it): one collective."""
+        decoded = len(batch.decoded)
+        needed = replica_rows(plan.order, self.local, self.data)
+        if not set(needed) <= set(batch.rows):
+            # a plan whose replica order is not the predicted one (never expected: both come from
+            # the same metadata and cost model) still trains the right records
+            if not self.rebuilt:
+                print(f"dip_jax: warning: step {step}: the plan gave process {jax.process_index()} microbatches "
+                      f"it had not decoded; decoding them now", flush=True)
+            self.rebuilt += 1
+            t0 = time.perf_counter()
+            batch = dataclasses.replace(self.rebuild.build(batch.index, needed),
+                                        wait_seconds=batch.wait_seconds + time.perf_counter() - t0)
+            decoded += len(batch.decoded)
+        owned = list(replica_rows(plan.order, self.owned, self.data))
+        failed = [sum(1 for row, why in batch.failed if why == r and row in owned) for r in self.REASONS]
+        rows = gather_int_rows([int(batch.arrays["loss_mask"][owned].sum()) if owned else 0, *failed, decoded])
+        batch.arrays["n_tokens"] = np.float32(max(1.0, sum(r[0] for r in rows)))
+        failures = {why: n for k, why in enumerate(self.REASONS) if (n := sum(r[1 + k] for r in rows))}
+        return batch, failures, [r[-1] for r in rows]
+
+
+def _decode_share(cfg: TrainConfig, mesh, ctx, index_dir) -> DecodeShare | None:
+    if not (cfg.data.task == "files" and cfg.data.decode_shares and ctx is not None and jax.process_count() > 1):
+        return None
+    share = DecodeShare(cfg, mesh, ctx.replica_order, index_dir)
+    return share if len(share.local) < cfg.mesh.data else None     # every replica here: decode it all
+
+
+def _log_records(workdir: pathlib.Path, step: int, batch) -> None:
+    out = workdir / "records_decoded"
+    out.mkdir(exist_ok=True)
+    with open(out / f"process_{jax.process_index()}.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "batch_index": batch.index, "records": list(batch.decoded)}) + "\n")
+
+
 def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interrupts, peers: PeerLoss | None) -> dict:
     # memory first: a config too large for this host is refused with the hint to plan it instead,
     # whatever else does not fit (the paper's configs also ask for more devices than a laptop has)
@@ -237,7 +298,7 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
     graphdef, model = abstract_model(cfg)
     pipelined = cfg.pipeline.schedule != "none"
     tx = build_optimizer(cfg.optim, cfg.train.steps, cfg.model.modules, mesh if pipelined else None, pipelined)
-    planner = None
+    planner = ctx = None
     if pipelined:
         from dip_jax.plan.schedulers import PlanContext
         from dip_jax.train.pipelined import PipelinedStep
@@ -260,7 +321,8 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
         reference = make_train_step(graphdef, tx, shardings=shardings)
         step_fn = lambda state, batch, plan: reference(state, put_batch(batch.arrays, mesh))
     state = create_state(cfg, tx, mesh, layouts)
-    data = train_iterator(cfg, index_dir)
+    share = _decode_share(cfg, mesh, ctx, index_dir)
+    data = train_iterator(cfg, index_dir, share.share if share is not None else None)
     ckpt = (CheckpointGuard(Checkpointer(workdir / "checkpoints", cfg.checkpoint, layouts, mesh), lead)
             if cfg.checkpoint.enabled else None)
     start = 0
@@ -291,18 +353,35 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
 
     t_start, final_eval = time.perf_counter(), {}
     budget, paddings = Budget.from_config(cfg), []
+    # the whole run's decode failures by reason and records decoded per process, resumed runs included
+    decode_failed: dict[str, int] = dict(data.counts.get("records_skipped", {}))
+    decoded_per_process = list(data.counts.get("records_decoded_per_process", []))
+    if len(decoded_per_process) != jax.process_count():       # resumed on another number of processes
+        decoded_per_process = [sum(decoded_per_process)] + [0] * (jax.process_count() - 1)
+    counts = lambda: {"records_skipped": dict(decode_failed), "records_decoded_per_process": list(decoded_per_process)}
     step = start
     try:
         for step, batch, data_state, plan in BatchFeed(cfg, data, start, planner, pipelined):
             if peers is not None:
                 peers.step = step
+            if share is not None:
+                batch, failures, decoded = share.complete(step, batch, plan)
+            else:                      # every process decoded the whole batch
+                failures = {}
+                for _, reason in batch.failed:
+                    failures[reason] = failures.get(reason, 0) + 1
+                decoded = [len(batch.decoded)] * jax.process_count()
+            for reason, n in failures.items():
+                decode_failed[reason] = decode_failed.get(reason, 0) + n
+            decoded_per_process = [a + b for a, b in zip(decoded_per_process, decoded)]
+            data_state = TrainData.with_counts(data_state, counts())
+            if cfg.data.log_records:
+                _log_records(workdir, step, batch)
             compiles_before = step_fn.cache_fields["compiles"] if plan is not None else 0
             t0 = time.perf_counter()
             state, metrics = step_fn(state, batch, plan)
             stats.add_plan(plan)
             stats.add_oversize(batch.oversize)
-            for reason, n in batch.records_skipped.items():
-                records_skipped[reason] = records_skipped.get(reason, 0) + n
             padding = padding_fraction(batch.metadata, budget)
             paddings.append(padding)
             finite = guard.observe(step, {k: float(metrics[k]) for k in ("loss", "grad_norm", "update_skipped")})   # waits
@@ -352,9 +431,15 @@ def _run(cfg: TrainConfig, workdir: pathlib.Path, lead: bool, interrupts: Interr
         if planner is not None:
             planner.close()
     wall = time.perf_counter() - t_start
+    decoded = {}
+    if cfg.data.task == "files":
+        for reason, n in decode_failed.items():
+            records_skipped[reason] = records_skipped.get(reason, 0) + n
+        decoded = {"records_decoded": sum(decoded_per_process), "records_decoded_per_process": decoded_per_process}
     summary = {"steps": cfg.train.steps, "resumed_from": start, "schedule": cfg.pipeline.schedule,
                **placement, "wall_seconds": wall, **stats.summary(wall),
                "padding_fraction": float(np.mean(paddings)) if paddings else None, "records_skipped": records_skipped,
+               **decoded,
                **{k: v for k, v in final_eval.items() if k.startswith("eval")}}
     if lead:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=1))

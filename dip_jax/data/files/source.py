@@ -34,6 +34,7 @@ from dip_jax.specs import clips
 from dip_jax.specs.builtin import AUDIO, VISION
 
 SHOWN_BAD = 5
+DECODE_REASONS = ("unreadable_image", "unreadable_audio")     # what `FileDataset.sample` may find
 _SPLIT_KEY = {"train": "path", "eval": "eval_path"}
 
 
@@ -280,18 +281,31 @@ class FileStream:
 
     def samples(self, index: int):
         """(microbatches of Samples, decode failures by reason)."""
+        packed, failed, _ = self.decode(index)
+        by_reason: dict[str, int] = {}
+        for _, why in failed:
+            by_reason[why] = by_reason.get(why, 0) + 1
+        return packed, by_reason
+
+    def decode(self, index: int, rows=None):
+        """(microbatches of Samples, (microbatch, reason) per decode failure, the records decoded
+        as (epoch, "file:line"): a batch may hold a record of two epochs). `rows`: the microbatches to decode (None: all); the others stay empty,
+        so a process decodes only what its own devices train."""
         mbs, _, _ = self.layout(index)
-        n, failed = len(self.dataset.refs), {}
+        n, failed, decoded = len(self.dataset.refs), [], []
+        wanted = None if rows is None else set(rows)
         out = []
-        for mb in mbs:
+        for i, mb in enumerate(mbs):
             row = []
-            for epoch, r in mb:
-                s, why = self.dataset.sample(self.dataset.refs[r], epoch * n + r)
+            for epoch, r in mb if wanted is None or i in wanted else ():
+                ref = self.dataset.refs[r]
+                s, why = self.dataset.sample(ref, epoch * n + r)
                 row.append(s)
+                decoded.append((epoch, f"{self.dataset.files[ref.file]}:{ref.entry['line']}"))
                 if why:
-                    failed[why] = failed.get(why, 0) + 1
+                    failed.append((i, why))
             out.append(row)
-        return out, failed
+        return out, failed, decoded
 
     def eval_batch_count(self, limit_samples: int) -> int:
         """Batches until every eval record was read once (the last batch may repeat a few from
