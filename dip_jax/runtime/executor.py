@@ -84,6 +84,32 @@ def join_residuals(kept, layout, params):
     return jax.tree.unflatten(tdef, [next(rest) if w is None else p[w] for w in where])
 
 
+class Packed:
+    """Arrays of fixed shapes as one flat vector per dtype (what a residual slot holds): one
+    buffer per dtype and module instead of one per residual leaf."""
+
+    def __init__(self, shapes):
+        self.shapes = [(tuple(a.shape), jnp.dtype(a.dtype)) for a in shapes]
+        self.width: dict = {}
+        self.at = []
+        for shape, dtype in self.shapes:
+            self.at.append(self.width.get(dtype.name, 0))
+            self.width[dtype.name] = self.width.get(dtype.name, 0) + math.prod(shape)
+
+    def zeros(self, lead=()):
+        return {d: jnp.zeros((*lead, n), d) for d, n in self.width.items()}
+
+    def pack(self, arrays):
+        parts: dict = {d: [] for d in self.width}
+        for a, (_, dtype) in zip(arrays, self.shapes):
+            parts[dtype.name].append(a.reshape(-1).astype(dtype))
+        return {d: jnp.concatenate(v) for d, v in parts.items()}
+
+    def unpack(self, flat):
+        return [flat[dtype.name][at:at + math.prod(shape)].reshape(shape)
+                for (shape, dtype), at in zip(self.shapes, self.at)]
+
+
 class FlatGrads:
     """A rank's gradients (and its loss) in one flat buffer: per module its stacks, chunk-major
     ([K, c_m]), then per module its edges, then the loss. A backward's gradient is added as one
@@ -338,23 +364,25 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
                                                      external(m, take({"bnd": bufs["bnd"], "cond": bufs.get("cond")}, 0),
                                                               batch, 0, 0),
                                                      row(masks[m], 0), batch) > REMAT_AUTO_BYTES else "chunk")
-        layout, res_zero = {}, {}
+        layout, res_zero, packs = {}, {}, {}
         bufs["res"] = {}
         for m in mods:
             if nres[m]:
                 ext = external(m, take({"bnd": bufs["bnd"], "cond": bufs.get("cond")}, 0), batch, 0, 0)
                 kept, layout[m] = residual_layout(m, take(stacks[m], 0), edges[m], act[m], ext, row(masks[m], 0), batch)
                 step.residual_bytes[m] = sum(k.size * k.dtype.itemsize for k in kept)
-                bufs["res"][m] = [jnp.zeros((nres[m] + 1, *k.shape), k.dtype) for k in kept]
-                res_zero[m] = [jnp.zeros(k.shape, k.dtype) for k in kept]
+                packs[m] = Packed(kept)
+                bufs["res"][m] = packs[m].zeros((nres[m] + 1,))
+                res_zero[m] = packs[m].zeros()
         f_table, b_table = branch_table(fwd_branches), branch_table(bwd_branches)
         chunks_of = jnp.asarray([n_chunks[m] for m in mods], jnp.int32)
         stack_at = jnp.asarray([flat.stack_at.get(m, 0) for m in mods], jnp.int32)
         chunk_w = jnp.asarray([flat.chunk.get(m, 0) for m in mods], jnp.int32)
         edge_at = jnp.asarray([flat.edge_at.get(m, 0) for m in mods], jnp.int32)
 
-        def where_on(c, m_col, v_col):
-            mod, pos = c[m_col], c[v_col] * Pn + me
+        def placed(op, m_col, v_col):
+            """(the op's module, whether its chunk is the module's first, its last)."""
+            mod, pos = op[m_col], op[v_col] * Pn + me
             return mod, pos == 0, pos == row(chunks_of, mod) - 1
 
         def tick(t, carry):
@@ -370,7 +398,7 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
             f_ext = {m: external(m, bnd_f, batch, f_mb, f_sub) for m in mods}
             b_ext = {m: external(m, bnd_b, batch, b_mb, b_sub) for m in mods if bwd[m]}
             ct_in = {m: take(bufs["cot"][m], op[T.B_COT]) for m in mods if bwd[m]}
-            res_in = {m: take(bufs["res"][m], op[T.B_RES]) for m in bufs["res"]}
+            res_in = {m: take2(bufs["res"][m], op[T.B_RES], op[T.B_RES])[0] for m in bufs["res"]}
             hrow = row(bufs["hacc"], b_aux) if gen is not None and bwd[gen] else None
             ct_head = {}
             for m in mods:
@@ -380,7 +408,7 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
                     ct_head[m] = jnp.where(b_aux < nc, row(bufs["hcot"], b_aux), 0.0)[None]
 
             # the forward op
-            f_mod, f_first, f_last = where_on(op, T.F_MOD, T.F_V)
+            f_mod, f_first, f_last = placed(op, T.F_MOD, T.F_V)
             f_store = op[T.F_STORE] == 1
             f_idx = jnp.where(op[T.F_ON] == 1, f_table[f_mod, f_last.astype(jnp.int32), f_store.astype(jnp.int32)], 0)
             f_zero = ({m: act[m] for m in mods}, {m: out_zero(m) for m in mods}, jnp.zeros((), jnp.float32),
@@ -396,14 +424,14 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
                         y = body(m, lp, mask, edges[m], f_in[m], f_ext[m], f_first, batch, f_mb, f_sub)
                     out, l = head(m, lp, edges[m], y, f_ext[m], batch, f_mb, f_sub) if last else (out_zero(m), 0.0)
                     ys, outs, _, res = f_zero
-                    res = {**res, m: kept} if store else res
+                    res = {**res, m: packs[m].pack(kept)} if store else res
                     return {**ys, m: y}, {**outs, m: out}, jnp.asarray(l, jnp.float32), res
                 return run
             ys, outs, l, kept = lax.switch(f_idx, [lambda: f_zero] + [fwd(*k) for k in fwd_branches])
             loss = loss + l
 
             # the backward op
-            b_mod, b_first, b_last = where_on(op, T.B_MOD, T.B_V)
+            b_mod, b_first, b_last = placed(op, T.B_MOD, T.B_V)
             b_stored = op[T.B_STORE] == 1
             b_idx = jnp.where(op[T.B_ON] == 1, b_table[b_mod, b_last.astype(jnp.int32), b_stored.astype(jnp.int32)], 0)
             pay_zero = {}
@@ -419,7 +447,8 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
                     lp, mask = take(stacks[m], b_v), row(masks[m], b_v)
                     if stored:
                         ydef = jax.tree.structure(act[m])
-                        kept, ys_ = res_in[m][:-ydef.num_leaves], res_in[m][-ydef.num_leaves:]
+                        kept = packs[m].unpack(res_in[m])
+                        kept, ys_ = kept[:-ydef.num_leaves], kept[-ydef.num_leaves:]
                         y, pull = jax.tree.unflatten(ydef, ys_), join_residuals(kept, layout[m], (lp, edges[m]))
                     else:
                         y, pull = body_vjp(m, lp, edges[m], b_in[m], b_ext[m], mask, b_first, batch, b_mb, b_sub)
@@ -451,11 +480,11 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
             # The barrier orders every read of this tick before every write: without it the reads
             # for the backward (which no write depends on) could run late, and XLA copies each
             # buffer twice to keep them safe.
-            bufs, _ = lax.optimization_barrier((bufs, (ys, outs, kept, gx, pay, g_stack, g_edge)))
+            res = bufs["res"]
+            bufs, _ = lax.optimization_barrier(({k: v for k, v in bufs.items() if k != "res"},
+                                                (ys, outs, kept, gx, pay, g_stack, g_edge)))
             new = dict(bufs)
             f_on = op[T.F_ON] == 1
-            new["res"] = {m: [put(B_, jnp.where(f_on & f_store & (f_mod == kid[m]), op[T.F_RES], nres[m]), k)
-                              for B_, k in zip(bufs["res"][m], kept[m])] for m in bufs["res"]}
             if gen is not None and bwd[gen]:
                 at = jnp.where(b_on & (b_mod == kid[gen]) & b_first, b_aux, nc)
                 new["hacc"] = put(bufs["hacc"], at, pay[gen])
@@ -466,6 +495,13 @@ def build_step(spec, sig: T.Signature, mesh, packed: bool = True, drop_tensor_re
                 if bwd[gen]:
                     sent_down["hcot"] = pay[gen]
             up, down = send(sent_up, fwd_perm), send(sent_down, bwd_perm)
+            # The written row reads (never selects) the row read this tick: only an update that
+            # depends on the read makes XLA order the read first and update the buffer in place
+            # (a barrier does not; without it each residual buffer is copied twice a tick).
+            never = op[T.F_ON] > 1
+            res_at = {m: jnp.where(f_on & f_store & (f_mod == kid[m]), op[T.F_RES], nres[m]) for m in res}
+            new["res"] = {m: {d: put(res[m][d], res_at[m], jnp.where(never, res_in[m][d], kept[m][d])) for d in res[m]}
+                          for m in res}
             stash, cot = dict(bufs["stash"]), dict(bufs.get("cot", {}))
             for m in mods:
                 stash[m] = jax.tree.map(lambda B_, y: put(B_, rc[cols[f"f:{m}"]], y), stash[m], up["act"][m])
